@@ -1,0 +1,7 @@
+"""``python -m kubehv.cli``."""
+
+import sys
+
+from kubehv import cli
+
+sys.exit(cli.main())
