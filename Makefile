@@ -60,6 +60,7 @@ bench: bootstrap
 
 crds: venv
 	$(PY) -m kubehv.cli crds --output-dir crds
+	$(PY) -m kubehv.cli crds --output-dir manifests/base/crds
 
 lock:
 	python3 -m venv /tmp/kubehv-lock-venv && /tmp/kubehv-lock-venv/bin/pip install -q -r requirements.txt \

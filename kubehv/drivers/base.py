@@ -321,6 +321,19 @@ def startup_memory(instance: values.InstanceSpec, free_mib: int) -> int:
     return max(instance.memory_min_mib, min(instance.memory_max_mib, free_mib))
 
 
+def check_balloon_memory(instance: values.InstanceSpec, mem_mib: int) -> None:
+    """Refuse a balloon target outside [min, max] memory with :class:`errors.InvalidInstanceSpec`.
+
+    Shared by drivers so every one refuses the same way, before touching the instance.
+    """
+    if not instance.memory_min_mib <= mem_mib <= instance.memory_max_mib:
+        raise errors.InvalidInstanceSpec(
+            f"cannot balloon instance {instance.name!r} to {mem_mib} MiB: it must stay between "
+            f"its minimum ({instance.memory_min_mib} MiB) and maximum "
+            f"({instance.memory_max_mib} MiB) memory"
+        )
+
+
 def check_instance_spec(instance: values.InstanceSpec) -> None:
     """Reject malformed instances before any hypervisor sees them (no I/O)."""
     problems: list[str] = []

@@ -1,0 +1,83 @@
+"""``kubehv agent``: run the node agent for one node (a DaemonSet pod, or a test process).
+
+Why this module exists: it turns flags and environment (``NODE_NAME`` from the downward API)
+into :class:`kubehv.operator.settings.AgentSettings` and hands over to the operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from kubehv.cli import logsetup
+from kubehv.operator import agent, instance_logic, settings
+
+
+def _param(text: str) -> tuple[str, str | int | float | bool]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value: str | int | float | bool = raw
+    if raw in ("true", "false"):
+        value = raw == "true"
+    else:
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                continue
+    return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--node-name", default=env("NODE_NAME"), help="this node (or NODE_NAME)")
+    parser.add_argument("--hypervisor", default=env("KUBEHV_HYPERVISOR", "kvm"))
+    parser.add_argument("--connection-uri", default=env("KUBEHV_CONNECTION_URI"))
+    parser.add_argument("--state-dir", default=env("KUBEHV_STATE_DIR", "/var/lib/kubehv"))
+    parser.add_argument("--migration-address", default=env("KUBEHV_MIGRATION_ADDRESS"))
+    parser.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--resync-interval", type=float, default=2.0, metavar="SECONDS")
+    parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument("--kubeconfig", default=None)
+    parser.add_argument(
+        "--driver-param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="driver node parameter (e.g. memory_total_mib=4096 for the fake driver)",
+    )
+    parser.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--crash-limit", type=int, default=5)
+    parser.add_argument("--crash-window", type=float, default=600.0, metavar="SECONDS")
+    parser.add_argument("--stop-timeout", type=float, default=30.0, metavar="SECONDS")
+    logsetup.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    logsetup.setup(args)
+    if not args.node_name:
+        raise SystemExit("kubehv agent: --node-name or NODE_NAME is required")
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf logs in through the same file
+    cfg = settings.AgentSettings(
+        node_name=args.node_name,
+        hypervisor=args.hypervisor,
+        connection_uri=args.connection_uri,
+        state_dir=args.state_dir,
+        migration_address=args.migration_address,
+        heartbeat_interval_s=args.heartbeat_interval,
+        resync_interval_s=args.resync_interval,
+        metrics_port=args.metrics_port,
+        kubeconfig=args.kubeconfig,
+        driver_params=dict(args.driver_param),
+        policy=instance_logic.Policy(
+            backoff_base_s=args.restart_backoff,
+            crash_limit=args.crash_limit,
+            crash_window_s=args.crash_window,
+            stop_timeout_s=args.stop_timeout,
+        ),
+    )
+    return agent.run(cfg)

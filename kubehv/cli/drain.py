@@ -1,0 +1,60 @@
+"""``kubehv drain NODE``: ask the controller to move every instance off a node.
+
+Why a merge patch of ``NodeHypervisor.spec.drain``: draining is the node administrator's
+operational request, not part of a user's GitOps-managed spec, and the NodeHypervisor is the
+admin's object; the controller turns it into Migrations (or stops, per evictionPolicy).
+``--undo`` sets it back (like ``kubectl uncordon``). ``--wait`` returns when no instance has
+``status.nodeName`` equal to the node any more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from kubehv.cli import kube
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    kube.add_arguments(parser, namespaced=False)
+    parser.add_argument("node", metavar="NODE", help="the node (its NodeHypervisor's name)")
+    parser.add_argument("--undo", action="store_true", help="stop draining (spec.drain=false)")
+    parser.add_argument("--wait", action="store_true", help="wait until no instance remains")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for --wait")
+
+
+def run(args: argparse.Namespace) -> int:
+    drain = not args.undo
+    try:
+        with kube.Kube(args) as k:
+            k.custom.patch_cluster_custom_object(
+                kube.GROUP, kube.VERSION, kube.NHV, args.node, {"spec": {"drain": drain}}
+            )
+            print(f"nodehypervisor/{args.node} {'draining' if drain else 'no longer draining'}")
+            if not (drain and args.wait):
+                return 0
+            deadline = time.monotonic() + args.timeout
+            last = -1
+            while True:
+                left = k.vis_on_node(args.node)
+                if not left:
+                    print(f"node {args.node} is drained")
+                    return 0
+                if len(left) != last:
+                    names = ", ".join(
+                        f"{v['metadata'].get('namespace')}/{v['metadata']['name']}"
+                        for v in left[:5]
+                    )
+                    more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+                    print(f"{len(left)} instance(s) left on {args.node}: {names}{more}")
+                    last = len(left)
+                if time.monotonic() > deadline:
+                    return kube.fail(f"timed out with {len(left)} instance(s) on {args.node}")
+                time.sleep(1.0)
+    except kube.ApiException as exc:
+        if exc.status == 404:
+            return kube.fail(f"no NodeHypervisor named {args.node}")
+        return kube.fail(kube.api_error(exc))
+    except KeyboardInterrupt:
+        print(f"\nstill draining; undo with: kubehv drain --undo {args.node}")
+        return 130

@@ -1,0 +1,522 @@
+"""``LibvirtHypervisor`` (hypervisor name ``kvm``): the Ganeti contract on libvirt + QEMU.
+
+Why this module exists: it maps each :class:`~kubehv.drivers.base.BaseHypervisor` method to
+libvirt calls on the node's connection, and nothing else -- the XML lives in ``domxml``,
+parameters in ``params``, migration in ``migration``, the connection in ``connection``.
+
+Transient domains, on purpose. Instances are started with ``createXML`` and never defined:
+when a guest stops (shutdown, destroy, crash) its domain disappears, a node reboot leaves no
+domain to autostart behind the operator's back, and after a migration the source domain is
+gone by construction -- an instance cannot be defined, let alone running, on two nodes.
+The VirtualInstance in Kubernetes is the persistent definition; the agent starts it again.
+``cleanup_instance`` still undefines a persistent leftover carrying our tag (from a manual
+``virsh define`` or an interrupted migration with other flags), so nothing lingers.
+
+Graceful stop and reboot use libvirt's default method for QEMU, the ACPI power button (no
+guest agent is configured); a reboot the guest ignores for ``reboot_acpi_timeout_s`` turns
+into a hard reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import ClassVar
+
+import libvirt
+
+from kubehv.drivers import base, errors, values
+from kubehv.drivers.libvirt import connection, domxml, migration
+from kubehv.drivers.libvirt import params as hvparams
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: values.InstanceState.UNKNOWN,
+    libvirt.VIR_DOMAIN_RUNNING: values.InstanceState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: values.InstanceState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: values.InstanceState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: values.InstanceState.SHUTTING_DOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: values.InstanceState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: values.InstanceState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: values.InstanceState.PAUSED,
+}
+
+
+class LibvirtHypervisor(base.BaseHypervisor):
+    """QEMU guests through libvirt, one connection per node (``DriverConfig.uri``)."""
+
+    NAME: ClassVar[str] = "kvm"
+    PARAMETERS = hvparams.PARAMETERS
+    CAN_MIGRATE: ClassVar[bool] = True
+    CAPABILITIES: ClassVar[values.Capabilities] = values.Capabilities(
+        live_migration=True,
+        non_live_migration=True,
+        migration_abort=True,
+        migration_progress=True,
+        ballooning=True,
+        pause=True,
+        reboot=True,
+        startup_paused=True,
+        serial_console=True,
+        vnc_console=True,
+        kernel_boot=True,
+    )
+
+    def __init__(self, config: values.DriverConfig) -> None:
+        super().__init__(config)
+        self.settings = hvparams.node_settings(config.params)
+        hvparams.set_allowed_dirs(self.settings.allowed_dirs)
+        self.conn = connection.Connection(config.uri)
+        self._migrations: dict[str, migration.Tracker] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def uri(self) -> str:
+        return self.conn.uri
+
+    @classmethod
+    def check_instance_spec(cls, instance: values.InstanceSpec) -> None:
+        super().check_instance_spec(instance)
+        hvparams.check_spec_strings(instance)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.get().lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    @staticmethod
+    def _tag(dom: libvirt.virDomain) -> domxml.Tag | None:
+        try:
+            return domxml.read_tag(dom.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _own(self, name: str) -> libvirt.virDomain:
+        """The running kubehv domain called ``name``; InstanceNotFound otherwise."""
+        dom = self._lookup(name)
+        if dom is None or not _active(dom) or self._tag(dom) is None:
+            raise errors.InstanceNotFound(name)
+        return dom
+
+    def _info(self, dom: libvirt.virDomain, tag: domxml.Tag) -> values.InstanceInfo:
+        state, _max_kib, mem_kib, vcpus, cpu_ns = dom.info()
+        return values.InstanceInfo(
+            name=dom.name(),
+            id=dom.UUIDString(),
+            memory_mib=int(mem_kib) // 1024,
+            vcpus=int(vcpus),
+            state=_STATES.get(state, values.InstanceState.UNKNOWN),
+            cpu_time_s=int(cpu_ns) / 1e9,
+            uid=tag.uid,
+        )
+
+    def _running_domains(self) -> list[tuple[libvirt.virDomain, domxml.Tag | None]]:
+        out = []
+        for dom in self.conn.get().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            with contextlib.suppress(libvirt.libvirtError):  # vanished while we looked
+                out.append((dom, self._tag(dom)))
+        return out
+
+    def _domain_type(self, accelerator: str) -> str:
+        if accelerator == "auto":
+            accelerator = "kvm" if self.conn.kvm_usable() else "tcg"
+        return domxml.DOMAIN_TYPES[accelerator]
+
+    @staticmethod
+    def _read_password(path: str | None) -> str | None:
+        if not path:
+            return None
+        try:
+            with open(path) as fh:
+                secret = fh.read().strip("\r\n")
+        except OSError as exc:
+            raise errors.NodeParameterError(
+                [f"cannot read the VNC password file {path!r}: {exc.strerror}"]
+            ) from exc
+        if not secret:
+            raise errors.NodeParameterError([f"the VNC password file {path!r} is empty"])
+        return secret
+
+    def domain_xml(self, spec: values.InstanceSpec, startup_memory_mib: int) -> str:
+        """The XML :meth:`start_instance` would use (the VNC password read from its file)."""
+        params = hvparams.instance_params(spec)
+        password_file = spec.console.vnc_password_file or str(params["vnc_password_file"])
+        settings = domxml.DomainSettings(
+            domain_type=self._domain_type(str(params["accelerator"])),
+            serial_log_dir=self.settings.serial_log_dir,
+            startup_memory_mib=startup_memory_mib,
+            vnc_password=self._read_password(password_file) if spec.console.vnc else None,
+        )
+        return domxml.build(spec, params, settings)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start_instance(
+        self, instance: values.InstanceSpec, startup_paused: bool = False
+    ) -> values.InstanceInfo:
+        self.check_instance_spec(instance)
+        hvparams.check_instance_on_node(instance)
+        with self.conn.translated(f"start {instance.name}"):
+            existing = self._lookup(instance.name)
+            if existing is not None:
+                tag = self._tag(existing)
+                if tag is None:
+                    raise errors.InstanceStartError(
+                        f"a libvirt domain named {instance.name!r} exists on this node but "
+                        "was not created by kubehv; rename the instance or remove that domain"
+                    )
+                if _active(existing):
+                    raise errors.InstanceAlreadyRunning(instance.name)
+                existing.undefine()  # a persistent, stopped leftover of ours
+            memory = self.instance_startup_memory(instance)
+            xml = self.domain_xml(instance, memory)
+            flags = libvirt.VIR_DOMAIN_START_PAUSED if startup_paused else 0
+            if self.conn.is_test_driver():
+                flags = 0  # test:/// lacks START_PAUSED; it has no real CPUs to hold back
+            try:
+                dom = self.conn.get().createXML(xml, flags)
+                if startup_paused and not flags:
+                    dom.suspend()
+            except libvirt.libvirtError as exc:
+                if connection.is_connection_error(exc):
+                    raise
+                raise errors.InstanceStartError(
+                    f"libvirt could not start {instance.name!r}: "
+                    f"{_scrub(connection.error_text(exc), xml)}"
+                ) from None
+            tag = self._tag(dom)
+            assert tag is not None
+            return self._info(dom, tag)
+
+    def stop_instance(
+        self,
+        instance: values.InstanceSpec | None,
+        force: bool = False,
+        retry: bool = False,
+        name: str | None = None,
+    ) -> None:
+        target = name or (instance.name if instance is not None else None)
+        if not target:
+            raise errors.InvalidInstanceSpec("stop_instance needs an instance or a name")
+        with self.conn.translated(f"stop {target}"):
+            dom = self._lookup(target)
+            if dom is None or not _active(dom):
+                return
+            if self._tag(dom) is None:
+                raise errors.InstanceStopError(
+                    f"refusing to stop {target!r}: that domain was not created by kubehv"
+                )
+            try:
+                if force:
+                    dom.destroy()
+                else:
+                    dom.shutdown()  # ACPI power button (no guest agent configured)
+            except libvirt.libvirtError as exc:
+                if connection.is_connection_error(exc):
+                    raise
+                if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,) or not _alive(dom):
+                    return  # it stopped meanwhile
+                raise errors.InstanceStopError(
+                    f"cannot {'destroy' if force else 'shut down'} {target!r}: "
+                    f"{connection.error_text(exc)}"
+                ) from exc
+
+    def cleanup_instance(self, instance_name: str) -> None:
+        with self.conn.translated(f"clean up {instance_name}"):
+            self._migrations.pop(instance_name, None)
+            dom = self._lookup(instance_name)
+            if dom is None or _active(dom) or self._tag(dom) is None:
+                return
+            if dom.isPersistent():
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefine()
+
+    def reboot_instance(self, instance: values.InstanceSpec) -> None:
+        params = hvparams.instance_params(instance)
+        timeout = int(params["reboot_acpi_timeout_s"])
+        with self.conn.translated(f"reboot {instance.name}"):
+            dom = self._own(instance.name)
+            conn = self.conn.get()
+            rebooted = threading.Event()
+            cb_id = connection.register_event(
+                conn, dom, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, lambda *_: rebooted.set()
+            )
+            try:
+                if timeout > 0:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.reboot(0)  # ACPI: the guest powers off, libvirt restarts it
+                if not rebooted.wait(timeout):
+                    dom.reset(0)
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(cb_id)
+
+    def pause_instance(self, instance: values.InstanceSpec) -> None:
+        with self.conn.translated(f"pause {instance.name}"):
+            dom = self._own(instance.name)
+            if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+                dom.suspend()
+
+    def resume_instance(self, instance: values.InstanceSpec) -> None:
+        with self.conn.translated(f"resume {instance.name}"):
+            dom = self._own(instance.name)
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+    def balloon_instance_memory(self, instance: values.InstanceSpec, mem_mib: int) -> None:
+        if not instance.memory_min_mib <= mem_mib <= instance.memory_max_mib:
+            raise errors.InvalidInstanceSpec(
+                f"cannot balloon {instance.name!r} to {mem_mib} MiB: it must stay between "
+                f"its minimum ({instance.memory_min_mib} MiB) and maximum "
+                f"({instance.memory_max_mib} MiB) memory"
+            )
+        with self.conn.translated(f"balloon {instance.name}"):
+            dom = self._own(instance.name)
+            dom.setMemoryFlags(mem_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    # --- inventory -----------------------------------------------------------------------
+
+    def list_instances(self) -> list[str]:
+        with self.conn.translated("list instances"):
+            return sorted(dom.name() for dom, tag in self._running_domains() if tag is not None)
+
+    def get_instance_info(self, instance_name: str) -> values.InstanceInfo | None:
+        with self.conn.translated(f"inspect {instance_name}"):
+            dom = self._lookup(instance_name)
+            if dom is None:
+                return None
+            try:
+                tag = self._tag(dom)
+                if tag is None or not _active(dom):
+                    return None
+                return self._info(dom, tag)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None  # it went away while we looked
+                raise
+
+    def get_all_instances_info(self) -> list[values.InstanceInfo]:
+        with self.conn.translated("list instances"):
+            out = []
+            for dom, tag in self._running_domains():
+                if tag is not None:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        out.append(self._info(dom, tag))
+            return sorted(out, key=lambda i: i.name)
+
+    def list_foreign_instances(self) -> list[str]:
+        with self.conn.translated("list foreign domains"):
+            return sorted(dom.name() for dom, tag in self._running_domains() if tag is None)
+
+    def get_node_info(self) -> values.NodeInfo:
+        """From the connection's host (libvirt, so remote URIs report the remote node).
+
+        Free memory counts free + buffers + cached, as :meth:`get_linux_node_info` does.
+        """
+        with self.conn.translated("read node information"):
+            conn = self.conn.get()
+            _model, mem_mib, cpus, _mhz, nodes, sockets, _cores, _threads = conn.getInfo()
+            try:
+                stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+                total_mib = int(stats["total"]) // 1024
+                free_kib = stats["free"] + stats.get("buffers", 0) + stats.get("cached", 0)
+                free_mib = int(free_kib) // 1024
+            except libvirt.libvirtError:  # drivers without node memory statistics (test:///)
+                total_mib = int(mem_mib)
+                free = int(conn.getFreeMemory())
+                # libvirt documents bytes; the test driver's fake host answers in KiB.
+                free_mib = free // 1024 if self.conn.is_test_driver() else free // (1024 * 1024)
+            version = int(conn.getVersion())
+            instances_kib = 0
+            for dom, tag in self._running_domains():
+                if tag is not None:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        instances_kib += int(dom.info()[2])
+            return values.NodeInfo(
+                memory_total_mib=total_mib,
+                memory_free_mib=free_mib,
+                memory_dom0_mib=max(0, total_mib - free_mib - instances_kib // 1024),
+                cpu_total=int(cpus),
+                cpu_nodes=int(nodes),
+                cpu_sockets=int(nodes) * int(sockets),
+                hypervisor_version=(
+                    f"{conn.getType()} {version // 1_000_000}.{version // 1000 % 1000}."
+                    f"{version % 1000}"
+                ),
+                instances_memory_mib=instances_kib // 1024,
+            )
+
+    def verify(self) -> values.VerifyResult:
+        problems: list[str] = []
+        try:
+            with self.conn.translated("verify the hypervisor"):
+                self.conn.get().getVersion()
+                problem = self.conn.qemu_capabilities_problem()
+                if problem:
+                    problems.append(problem)
+        except errors.HypervisorUnavailable as exc:
+            problems.append(exc.message)
+        except libvirt.libvirtError as exc:
+            problems.append(f"libvirt at {self.uri} misbehaves: {connection.error_text(exc)}")
+        return values.VerifyResult(tuple(problems))
+
+    # --- consoles ------------------------------------------------------------------------
+
+    def get_instance_console(self, instance: values.InstanceSpec) -> values.ConsoleInfo:
+        if instance.console.vnc:
+            with self.conn.translated(f"find the console of {instance.name}"):
+                dom = self._own(instance.name)
+                listen, port = domxml.graphics_port(dom.XMLDesc(0))
+            return values.ConsoleInfo(
+                instance=instance.name, kind=values.ConsoleKind.VNC, host=listen, port=port
+            )
+        if instance.console.serial:
+            return values.ConsoleInfo(
+                instance=instance.name,
+                kind=values.ConsoleKind.SERIAL,
+                command=("virsh", "-c", self.uri, "console", instance.name),
+            )
+        return super().get_instance_console(instance)
+
+    # --- migration -----------------------------------------------------------------------
+
+    def migration_info(self, instance: values.InstanceSpec) -> str:
+        with self.conn.translated(f"prepare the migration of {instance.name}"):
+            return migration.migration_info(self._own(instance.name), instance, self.uri)
+
+    def accept_instance(self, instance: values.InstanceSpec, info: str, target: str) -> None:
+        """Target side: libvirt receives the guest itself (peer to peer); we check room."""
+        data = migration.parse_info(info)
+        if data.get("uid") not in (None, instance.uid):
+            raise errors.MigrationError(
+                f"migration info is for instance uid {data.get('uid')!r}, not {instance.uid!r}"
+            )
+        self.check_instance_spec(instance)
+        hvparams.check_instance_on_node(instance)
+        with self.conn.translated(f"accept {instance.name}"):
+            if self._lookup(instance.name) is not None:
+                raise errors.InstanceAlreadyRunning(instance.name)
+            free = self.get_node_info().memory_free_mib
+            if instance.memory_max_mib > free:
+                raise errors.InsufficientMemory(instance.name, instance.memory_max_mib, free)
+
+    def migrate_instance(
+        self,
+        instance: values.InstanceSpec,
+        target: values.MigrationTarget,
+        live: bool,
+        options: values.MigrationOptions | None = None,
+    ) -> None:
+        params = hvparams.instance_params(instance)
+        options = options or values.MigrationOptions()
+        bandwidth = options.bandwidth_mib_s
+        if bandwidth is None:
+            bandwidth = int(params["migration_bandwidth_mib_s"])
+        downtime = options.max_downtime_ms
+        if downtime is None:
+            downtime = int(params["migration_downtime_ms"])
+        with self.conn.translated(f"migrate {instance.name}"):
+            uuid = self._own(instance.name).UUIDString()
+            tracker = migration.Tracker()
+            self._migrations[instance.name] = tracker
+            with self.conn.dedicated() as private:
+                migration.migrate(
+                    private.lookupByUUIDString(uuid),
+                    target,
+                    live=live,
+                    bandwidth_mib_s=bandwidth,
+                    downtime_ms=downtime,
+                    tracker=tracker,
+                )
+
+    def get_migration_status(self, instance: values.InstanceSpec) -> values.MigrationStatus:
+        tracker = self._migrations.get(instance.name)
+        with self.conn.translated(f"read the migration status of {instance.name}"):
+            dom = self._lookup(instance.name)
+            return migration.status(dom, tracker)
+
+    def abort_migration(self, instance: values.InstanceSpec) -> None:
+        with self.conn.translated(f"abort the migration of {instance.name}"):
+            dom = self._lookup(instance.name)
+            if dom is None:
+                return
+            migration.abort(dom, self._migrations.get(instance.name))
+
+    def finalize_migration_dst(
+        self, instance: values.InstanceSpec, info: str, success: bool
+    ) -> None:
+        with self.conn.translated(f"finish receiving {instance.name}"):
+            dom = self._lookup(instance.name)
+            tag = self._tag(dom) if dom is not None else None
+            if dom is None or tag is None or tag.uid != instance.uid:
+                if success:
+                    raise errors.MigrationError(
+                        f"{instance.name!r} did not arrive on this node after a migration "
+                        "reported as successful"
+                    )
+                return
+            if success:
+                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.resume()
+                return
+            # Failed: whatever half-arrived here must not run next to the source's guest.
+            with contextlib.suppress(libvirt.libvirtError):
+                if _active(dom):
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isPersistent():
+                    dom.undefine()
+
+    def finalize_migration_source(
+        self, instance: values.InstanceSpec, success: bool, live: bool
+    ) -> None:
+        with self.conn.translated(f"finish sending {instance.name}"):
+            dom = self._lookup(instance.name)
+            tag = self._tag(dom) if dom is not None else None
+            ours = dom is not None and tag is not None and tag.uid == instance.uid
+            if success:
+                if ours and dom is not None:  # never let it run on both nodes
+                    with contextlib.suppress(libvirt.libvirtError):
+                        if _active(dom):
+                            dom.destroy()
+                    with contextlib.suppress(libvirt.libvirtError):
+                        if dom.isPersistent():
+                            dom.undefine()
+                return
+            if not ours or dom is None or not _active(dom):
+                raise errors.MigrationError(
+                    f"after a failed migration {instance.name!r} no longer runs on the source "
+                    "node; it must be started again"
+                )
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()  # a non-live attempt paused it
+
+
+def _active(dom: libvirt.virDomain) -> bool:
+    """Whether the domain runs (has a QEMU process), from ``state()``.
+
+    Not ``isActive()``: measured on libvirt 9.0, isActive() and maxMemory() on a domain that
+    is migrating out wait until the migration job ends, which would freeze progress polling.
+    """
+    return bool(dom.state()[0] != libvirt.VIR_DOMAIN_SHUTOFF)
+
+
+def _alive(dom: libvirt.virDomain) -> bool:
+    try:
+        return _active(dom)
+    except libvirt.libvirtError:
+        return False
+
+
+def _scrub(message: str, xml: str) -> str:
+    """Never let a VNC password reach an error message (libvirt may quote XML attributes)."""
+    password = domxml.graphics_password(xml)
+    if password:
+        message = message.replace(password, "***")
+    return message

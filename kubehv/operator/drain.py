@@ -1,0 +1,251 @@
+"""Draining a node: every instance leaves it according to its evictionPolicy.
+
+Why this module exists: ``NodeHypervisor.spec.drain: true`` (set by ``kubehv drain NODE``)
+is an operational request, not GitOps spec; it turns into ordinary Migrations so that the
+Migration protocol (limits, version checks, failure handling, abort) is the only way VMs move:
+
+* ``LiveMigrate`` -> a live Migration, ``Migrate`` -> a non-live Migration, created by the
+  controller with a deterministic name (``drain-<instance>``) and the label
+  ``kubehv.io/drain=<node>``; the controller's parallel limits queue them.
+* ``Stop`` -> the node's own agent stops the VM (only it can), marks the instance Evicted;
+  the controller then clears ``status.nodeName`` so placement starts it cold elsewhere.
+
+Progress is the NodeHypervisor condition ``Drained`` (False with what is left, then True).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kopf
+
+from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_spec, migration_store
+
+log = logging.getLogger(__name__)
+
+COND_DRAINED = "Drained"
+PHASE_EVICTED = "Evicted"
+STOP_TIMEOUT_S = 30.0
+RESYNC_INTERVAL_S = 3.0
+
+
+def drain_migration_name(instance: str, node: str) -> str:
+    digest = hashlib.sha256(f"{node}/{instance}".encode()).hexdigest()[:6]
+    return f"drain-{instance[:50]}-{digest}"
+
+
+def drain_migration(instance: ml.InstanceView, node: str) -> dict[str, Any]:
+    """The Migration that evicts ``instance`` from ``node`` (policy LiveMigrate or Migrate)."""
+    return {
+        "apiVersion": f"{ml.GROUP}/{ml.VERSION}",
+        "kind": "Migration",
+        "metadata": {
+            "name": drain_migration_name(instance.name, node),
+            "namespace": instance.namespace,
+            "labels": {ml.DRAIN_LABEL: node},
+        },
+        "spec": {
+            "instance": instance.name,
+            "mode": "non-live" if instance.eviction_policy == "Migrate" else "live",
+        },
+    }
+
+
+def plan(
+    node: str, instances: Sequence[ml.InstanceView], migrations: Sequence[ml.MigrationView]
+) -> tuple[list[ml.InstanceView], list[ml.InstanceView], str]:
+    """(instances needing a Migration, Evicted instances to re-place, Drained message)."""
+    on_node = [i for i in instances if i.node_name == node]
+    busy = {(m.namespace, m.instance) for m in migrations if m.occupies_instance}
+    to_migrate: list[ml.InstanceView] = []
+    to_replace: list[ml.InstanceView] = []
+    waiting_stop: list[str] = []
+    failed: list[str] = []
+    by_name = {(m.namespace, m.name): m for m in migrations}
+    for inst in on_node:
+        if inst.eviction_policy == "Stop":
+            if inst.phase in (PHASE_EVICTED, "Stopped"):
+                to_replace.append(inst)
+            else:
+                waiting_stop.append(inst.name)
+            continue
+        if (inst.namespace, inst.name) in busy:
+            continue
+        existing = by_name.get((inst.namespace, drain_migration_name(inst.name, node)))
+        if existing is not None and existing.phase in ml.UNSUCCESSFUL:
+            failed.append(f"{inst.name} ({existing.failure_reason})")
+            continue
+        to_migrate.append(inst)
+    if not on_node:
+        return [], [], ""
+    parts = [f"{len(on_node)} instance(s) left on {node}"]
+    if waiting_stop:
+        parts.append("stopping: " + ", ".join(sorted(waiting_stop)))
+    if failed:
+        parts.append("migration failed: " + "; ".join(sorted(failed)))
+    return to_migrate, to_replace, "; ".join(parts)
+
+
+class DrainController:
+    def __init__(self, ctx: Any) -> None:
+        self.store = migration_store.Store(ctx.api_client)
+
+    async def reconcile_node(self, body: Mapping[str, Any]) -> None:
+        node = ml.NodeView.from_body(body)
+        status = body.get("status") or {}
+        conds = {c.get("type"): c for c in status.get("conditions") or []}
+        if not node.drain:
+            if COND_DRAINED in conds:
+                await self._set_drained(node.name, status, None)
+            return
+        instances = [
+            ml.InstanceView.from_body(b)
+            for b in await migration_store.call(
+                self.store.list_instances, f"status.nodeName={node.name}"
+            )
+        ]
+        migrations = [
+            ml.MigrationView.from_body(b)
+            for b in await migration_store.call(self.store.list_migrations)
+        ]
+        to_migrate, to_replace, message = plan(node.name, instances, migrations)
+        for inst in to_migrate:
+            try:
+                await migration_store.call(
+                    self.store.create_migration, inst.namespace, drain_migration(inst, node.name)
+                )
+                log.info("drain %s: created Migration for %s", node.name, inst.name)
+            except migration_store.Conflict:
+                pass  # exists already
+        for inst in to_replace:
+            vi = await migration_store.call(self.store.get_instance, inst.namespace, inst.name)
+            if vi is None or (vi.get("status") or {}).get("nodeName") != node.name:
+                continue
+            cond = ml.condition("Evicted", True, "NodeDrained", f"stopped on {node.name}")
+            new = {
+                "nodeName": None,
+                "phase": "Pending",
+                "conditions": ml.merged_conditions(
+                    (vi.get("status") or {}).get("conditions") or [], [cond]
+                ),
+            }
+            try:
+                await migration_store.call(self.store.patch_instance_status, vi, new)
+            except migration_store.Conflict:
+                continue
+        await self._set_drained(node.name, status, message)
+
+    async def _set_drained(self, node: str, status: Mapping[str, Any], message: str | None) -> None:
+        """message None: not draining (condition removed); "" drained; else what is left."""
+        existing = [c for c in status.get("conditions") or [] if isinstance(c, Mapping)]
+        current = next((c for c in existing if c.get("type") == COND_DRAINED), None)
+        if message is None:
+            conds = [dict(c) for c in existing if c.get("type") != COND_DRAINED]
+        else:
+            done = message == ""
+            cond = ml.condition(
+                COND_DRAINED,
+                done,
+                "Drained" if done else "Draining",
+                "no instances left" if done else message,
+            )
+            if (
+                current is not None
+                and current.get("status") == cond["status"]
+                and current.get("message") == cond["message"]
+            ):
+                return
+            conds = ml.merged_conditions(existing, [cond])
+        await migration_store.call(self.store.patch_node_status, node, {"conditions": conds})
+
+    async def resync(self) -> None:
+        try:
+            nodes = await migration_store.call(self.store.list_nodes)
+        except Exception as exc:
+            log.warning("cannot list nodes: %s", exc)
+            return
+        for node in nodes:
+            if (node.get("spec") or {}).get("drain"):
+                try:
+                    await self.reconcile_node(node)
+                except Exception:
+                    log.exception("drain of %s failed; will retry", node)
+
+
+class DrainAgent:
+    """The node's part: stop instances with evictionPolicy Stop while the node drains."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.store = migration_store.Store(ctx.api_client)
+
+    async def reconcile(self) -> None:
+        node = await migration_store.call(self.store.get_node, self.ctx.node_name)
+        if node is None or not (node.get("spec") or {}).get("drain"):
+            return
+        items = await migration_store.call(
+            self.store.list_instances, f"status.nodeName={self.ctx.node_name}"
+        )
+        for vi in items:
+            inst = ml.InstanceView.from_body(vi)
+            if inst.eviction_policy != "Stop" or inst.phase in (PHASE_EVICTED, "Stopped"):
+                continue
+            spec = migration_spec.instance_spec(vi)
+            await migration_store.call(self.ctx.driver.shutdown_instance, spec, STOP_TIMEOUT_S)
+            try:
+                await migration_store.call(self.ctx.driver.cleanup_instance, spec.name)
+            except Exception as exc:
+                log.warning("cleanup of %s after eviction: %s", spec.name, exc)
+            cond = ml.condition("Evicted", True, "NodeDrained", f"stopped: {self.ctx.node_name}")
+            status = vi.get("status") or {}
+            new = {
+                "phase": PHASE_EVICTED,
+                "conditions": ml.merged_conditions(status.get("conditions") or [], [cond]),
+            }
+            try:
+                await migration_store.call(self.store.patch_instance_status, vi, new)
+            except migration_store.Conflict:
+                continue
+
+
+def register(registry: kopf.OperatorRegistry, ctx: Any) -> None:
+    """Controller side: watch NodeHypervisors for spec.drain."""
+    drain = DrainController(ctx)
+
+    @kopf.on.event(ml.GROUP, "nodehypervisors", registry=registry, id="drain-controller")
+    async def on_node(body: kopf.Body, **_: Any) -> None:
+        await drain.reconcile_node(dict(body))
+
+    _periodic(registry, "drain-controller", drain.resync)
+
+
+def register_agent(registry: kopf.OperatorRegistry, ctx: Any) -> None:
+    """Agent side: stop the Stop-policy instances of this node while it drains."""
+    agent = DrainAgent(ctx)
+    _periodic(registry, "drain-agent", agent.reconcile)
+
+
+def _periodic(registry: kopf.OperatorRegistry, name: str, fn: Any) -> None:
+    tasks: list[asyncio.Task[None]] = []
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL_S)
+            try:
+                await fn()
+            except Exception:
+                log.exception("%s resync failed", name)
+
+    @kopf.on.startup(registry=registry, id=f"{name}-start")
+    async def start(**_: Any) -> None:
+        tasks.append(asyncio.create_task(loop()))
+
+    @kopf.on.cleanup(registry=registry, id=f"{name}-stop")
+    async def stop(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,96 @@
+"""Settings of the agent and the controller, and how they configure kopf.
+
+Why this module exists: the command line (kubehv.cli) fills these plain dataclasses; the
+operator modules read them. Keeping kopf's own knobs here (per-node finalizer and annotation
+prefixes, server-side field selectors, no peering) makes sure two agents on the same objects
+never fight over kopf's bookkeeping, and that an agent only ever receives its node's objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import kopf
+
+from kubehv.operator import instance_logic, k8s
+
+
+@dataclasses.dataclass
+class AgentSettings:
+    node_name: str
+    hypervisor: str = "fake"
+    connection_uri: str | None = None
+    state_dir: str = "/var/lib/kubehv"
+    migration_address: str | None = None
+    heartbeat_interval_s: float = 10.0
+    resync_interval_s: float = 2.0
+    metrics_port: int = 0
+    kubeconfig: str | None = None
+    driver_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    policy: instance_logic.Policy = dataclasses.field(default_factory=instance_logic.Policy)
+    # read by the migration modules (kubehv.operator.migration_agent)
+    migration_stall_timeout_s: float = 60.0
+    migration_progress_interval_s: float = 0.5
+
+
+@dataclasses.dataclass
+class ControllerSettings:
+    heartbeat_grace_s: float = 40.0
+    check_interval_s: float = 2.0
+    webhook_port: int = 0  # 0: no webhook
+    webhook_host: str = "127.0.0.1"
+    webhook_name: str = "kubehv.io"
+    metrics_port: int = 0
+    health_port: int = 0
+    kubeconfig: str | None = None
+    leader_election: bool = True
+    lease_name: str = "kubehv-controller"
+    lease_namespace: str = "default"
+    lease_duration_s: float = 15.0
+    identity: str = ""
+    max_migrations_per_node: int | None = None
+    max_migrations_per_cluster: int | None = None
+
+
+def configure_agent_kopf(settings: kopf.OperatorSettings, node: str) -> None:
+    """Per-node kopf bookkeeping and server-side filtering of VirtualInstances."""
+    safe = node.replace("_", "-").lower()
+    settings.persistence.finalizer = f"kopf.kubehv.io/agent-{safe}"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=f"{safe}.agent.kubehv.io"
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=f"{safe}.agent.kubehv.io", key="last-handled-configuration"
+    )
+    settings.watching.field_selectors[k8s.GROUP, k8s.VI_PLURAL] = f"status.nodeName={node}"
+    _common(settings)
+
+
+def configure_controller_kopf(settings: kopf.OperatorSettings) -> None:
+    settings.persistence.finalizer = "kopf.kubehv.io/controller"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="controller.kubehv.io"
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="controller.kubehv.io", key="last-handled-configuration"
+    )
+    _common(settings)
+
+
+def _common(settings: kopf.OperatorSettings) -> None:
+    settings.posting.level = logging.WARNING  # kubehv posts its own Events (events.py)
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    settings.execution.max_workers = 8
+
+
+def register_login(registry: kopf.OperatorRegistry) -> None:
+    """A private registry has no default login handler: log in as the kubernetes client does
+    (``KUBECONFIG`` or the in-cluster service account)."""
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> Any:
+        return kopf.login_via_client(**kwargs)

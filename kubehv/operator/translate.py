@@ -1,0 +1,143 @@
+"""VirtualInstance (a dict from the API) -> the driver's :class:`values.InstanceSpec`.
+
+Why this module exists: drivers never see Kubernetes objects. This is the one place that
+reads a VirtualInstance spec for the hypervisor: memory quantities to MiB, disks, NICs,
+boot, console, and the hypervisor parameters merged as Ganeti does (the node's
+NodeHypervisor ``defaultParameters`` under the instance's own ``hypervisorParameters``).
+No I/O: the VNC password file path is handed in by the caller, which wrote it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kubehv.api import quantity
+from kubehv.drivers import values
+
+
+def to_mib(value: Any) -> int | None:
+    """A Kubernetes quantity ("512Mi", "1Gi", bytes as a number) in whole MiB, rounded up.
+
+    ``None`` for a missing or unparseable value (the CRD schema refuses those anyway).
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return quantity.to_mib(value if isinstance(value, int) else str(value))
+    except (ValueError, ArithmeticError):
+        return None
+
+
+def instance_name(vi: Mapping[str, Any]) -> str:
+    """The hypervisor-level name: the object's name (unique per namespace; see docs)."""
+    return str((vi.get("metadata") or {}).get("name", ""))
+
+
+def memory_mib(spec: Mapping[str, Any]) -> tuple[int, int]:
+    memory = spec.get("memory") or {}
+    mem_min = to_mib(memory.get("min")) or 0
+    mem_max = to_mib(memory.get("max")) or mem_min
+    return mem_min, mem_max
+
+
+def raw_params(spec: Mapping[str, Any]) -> dict[str, values.ParamValue]:
+    raw = spec.get("hypervisorParameters") or {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, str | int | float | bool)}
+
+
+def merged_params(
+    spec: Mapping[str, Any], node_defaults: Mapping[str, Any] | None = None
+) -> dict[str, values.ParamValue]:
+    """Node defaults under instance values (Ganeti's FillHV)."""
+    out: dict[str, values.ParamValue] = {
+        str(k): v
+        for k, v in (node_defaults or {}).items()
+        if isinstance(v, str | int | float | bool)
+    }
+    out.update(raw_params(spec))
+    return out
+
+
+def vnc_secret_ref(spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    vnc = (spec.get("console") or {}).get("vnc") or {}
+    ref = vnc.get("passwordSecretRef") or {}
+    if not vnc.get("enabled") or not ref.get("name"):
+        return None
+    return str(ref["name"]), str(ref.get("key") or "password")
+
+
+def _boot(spec: Mapping[str, Any]) -> values.KernelBoot | None:
+    boot = spec.get("boot") or {}
+    if not boot.get("kernel"):
+        return None
+    return values.KernelBoot(
+        kernel=str(boot["kernel"]),
+        initrd=str(boot["initrd"]) if boot.get("initrd") else None,
+        cmdline=str(boot.get("cmdline") or ""),
+    )
+
+
+def _disks(spec: Mapping[str, Any]) -> tuple[values.Disk, ...]:
+    out = []
+    for d in spec.get("disks") or []:
+        out.append(
+            values.Disk(
+                path=str(d.get("path", "")),
+                kind=values.DiskKind(d.get("type") or "file"),
+                format=values.DiskFormat(d.get("format") or "raw"),
+                bus=values.DiskBus(d.get("bus") or "virtio"),
+                readonly=bool(d.get("readOnly", False)),
+            )
+        )
+    return tuple(out)
+
+
+def _nics(spec: Mapping[str, Any]) -> tuple[values.Nic, ...]:
+    out = []
+    for n in spec.get("nics") or []:
+        out.append(
+            values.Nic(
+                kind=values.NicKind(n.get("type") or "user"),
+                source=n.get("source") or None,
+                model=values.NicModel(n.get("model") or "virtio"),
+                mac=(str(n["mac"]).lower() if n.get("mac") else None),
+            )
+        )
+    return tuple(out)
+
+
+def _console(spec: Mapping[str, Any], vnc_password_file: str | None) -> values.ConsoleSpec:
+    console = spec.get("console") or {}
+    vnc = console.get("vnc") or {}
+    port = vnc.get("port")
+    return values.ConsoleSpec(
+        serial=bool(console.get("serial", True)),
+        vnc=bool(vnc.get("enabled", False)),
+        vnc_listen=str(vnc.get("listen") or "127.0.0.1"),
+        vnc_port=int(port) if isinstance(port, int) and port > 0 else None,
+        vnc_password_file=vnc_password_file,
+    )
+
+
+def instance_spec(
+    vi: Mapping[str, Any],
+    node_defaults: Mapping[str, Any] | None = None,
+    vnc_password_file: str | None = None,
+) -> values.InstanceSpec:
+    """The driver's view of a VirtualInstance. Raises ValueError on an unknown enum value."""
+    spec = vi.get("spec") or {}
+    meta = vi.get("metadata") or {}
+    mem_min, mem_max = memory_mib(spec)
+    return values.InstanceSpec(
+        name=instance_name(vi),
+        uid=str(meta.get("uid", "")),
+        memory_min_mib=mem_min,
+        memory_max_mib=mem_max,
+        vcpus=int(spec.get("vcpus") or 1),
+        boot=_boot(spec),
+        disks=_disks(spec),
+        nics=_nics(spec),
+        console=_console(spec, vnc_password_file),
+        params=merged_params(spec, node_defaults),
+    )

@@ -1,0 +1,218 @@
+"""``make demo`` (kubehv.demo): the parts that can be checked without the operator running.
+
+Why: the demo is the README's first command; its failure must be clear and must leave no
+process behind, ``down`` must stop what a crashed ``up`` left, and the examples must be
+adapted to the one local node and the chosen driver.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from kubehv import demo
+from kubehv.devenv import controlplane
+
+
+@pytest.fixture
+def demo_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / ".demo")
+    monkeypatch.setattr(demo, "STATE_FILE", tmp_path / ".demo" / "state.json")
+    monkeypatch.setattr(demo, "CRDS_DIR", tmp_path / "crds")
+    monkeypatch.setattr(demo, "EXAMPLES_DIR", tmp_path / "examples")
+    return tmp_path
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any(text in arg for arg in (p.info["cmdline"] or []))
+    ]
+
+
+def test_adapt_example_targets_this_node_driver_and_guest() -> None:
+    vi: dict[str, Any] = {
+        "apiVersion": "kubehv.io/v1alpha1",
+        "kind": "VirtualInstance",
+        "metadata": {"name": "web"},
+        "spec": {"hypervisor": "kvm", "nodeName": "node-a", "boot": {"kernel": "/k"}},
+    }
+    kvm = demo.KvmSetup("qemu:///system", Path("/g/vmlinuz"), Path("/g/initrd.img"), "c=1")
+    out = demo.adapt_example(vi, "kvm", "here", kvm)
+    assert out["spec"]["nodeName"] == "here"
+    assert out["spec"]["boot"] == {
+        "kernel": "/g/vmlinuz",
+        "initrd": "/g/initrd.img",
+        "cmdline": "c=1",
+    }
+    fake = demo.adapt_example(vi, "fake", "here", None)
+    assert fake["spec"]["hypervisor"] == "fake"
+    assert fake["spec"]["boot"] == {"kernel": "/k"}
+    assert vi["spec"]["nodeName"] == "node-a"  # the input is not modified
+    nhv = {"kind": "NodeHypervisor", "spec": {"nodeName": "x"}}
+    assert demo.adapt_example(nhv, "fake", "here", None) == nhv
+
+
+@pytest.mark.apiserver
+def test_up_without_crds_fails_clearly_and_leaves_nothing(
+    control_plane: controlplane.ControlPlane,  # ensures the binaries exist (else skip/fail)
+    demo_dirs: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert demo.main(["up", "--driver", "fake", "--exit-when-ready"]) == 1
+    err = capsys.readouterr().err
+    assert "control plane ready" in err
+    assert f"no CRDs in {demo_dirs / 'crds'}" in err
+    assert not (demo_dirs / ".demo" / "state.json").exists()
+    assert _processes_mentioning(str(demo_dirs)) == []
+
+
+def test_down_stops_what_a_crashed_up_left(demo_dirs: Path) -> None:
+    leftover = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        state = {
+            "up": {"pid": 999999999, "create_time": 0},
+            "data_dir": str(demo_dirs / ".demo" / "controlplane"),
+            "processes": {"agent": demo._process_record(leftover.pid)},
+        }
+        (demo_dirs / ".demo" / "controlplane").mkdir(parents=True)
+        (demo_dirs / ".demo" / "state.json").write_text(json.dumps(state))
+        assert demo.main(["down"]) == 0
+        assert leftover.wait(timeout=30) is not None
+        assert not (demo_dirs / ".demo" / "state.json").exists()
+        assert not (demo_dirs / ".demo" / "controlplane").exists()
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
+
+
+def test_down_without_a_demo_says_so(demo_dirs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["down"]) == 0
+    assert "no demo is running" in capsys.readouterr().err
+
+
+# Stand-ins for `kubehv controller` / `kubehv agent`, so that the demo's own orchestration
+# (control plane, CRDs, processes, examples, Ready wait, state file, down) is tested against
+# the real control plane; the agent stand-in marks every VirtualInstance Ready through the
+# real API. The end-to-end demo with the real operator belongs to the e2e suite.
+_CRDS = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: virtualinstances.kubehv.io}
+spec:
+  group: kubehv.io
+  scope: Namespaced
+  names: {plural: virtualinstances, singular: virtualinstance, kind: VirtualInstance,
+          shortNames: [vi]}
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"""
+_EXAMPLES = """
+apiVersion: kubehv.io/v1alpha1
+kind: VirtualInstance
+metadata: {name: tiny}
+spec: {hypervisor: kvm, runState: Running, nodeName: node-a}
+---
+apiVersion: kubehv.io/v1alpha1
+kind: Migration
+metadata: {name: move-tiny}
+spec: {instance: tiny}
+"""
+_AGENT = """
+import json, subprocess, sys, time
+print("agent stand-in", sys.argv, flush=True)
+ready = json.dumps({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+while True:
+    out = subprocess.run(["kubectl", "get", "vi", "-A", "-o", "json"],
+                         capture_output=True, text=True).stdout
+    for it in json.loads(out or '{"items": []}')["items"]:
+        m = it["metadata"]
+        subprocess.run(["kubectl", "patch", "vi", m["name"], "-n", m["namespace"],
+                        "--subresource=status", "--type=merge", "-p", ready],
+                       capture_output=True)
+    time.sleep(0.5)
+"""
+_RUNNER = """
+import sys
+from pathlib import Path
+from kubehv import demo
+t = Path(sys.argv[1])
+demo.DEMO_DIR, demo.STATE_FILE = t / ".demo", t / ".demo" / "state.json"
+demo.CRDS_DIR, demo.EXAMPLES_DIR = t / "crds", t / "examples"
+demo.Demo._cli_command = lambda self, sub: (
+    [sys.executable, str(t / "agent.py")] if sub == "agent" else ["sleep", "3600"])
+demo.Demo._flags = lambda self, sub: set()
+sys.exit(demo.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.apiserver
+def test_up_reaches_ready_and_down_stops_everything(
+    control_plane: controlplane.ControlPlane, tmp_path: Path
+) -> None:
+    (tmp_path / "crds").mkdir()
+    (tmp_path / "crds" / "vi.yaml").write_text(_CRDS)
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "vi.yaml").write_text(_EXAMPLES)
+    (tmp_path / "agent.py").write_text(_AGENT)
+    (tmp_path / "runner.py").write_text(_RUNNER)
+    runner = [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)]
+    up = subprocess.Popen(
+        [*runner, "up", "--driver", "fake"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=demo.REPO_ROOT,
+    )
+    seen: list[str] = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            seen.append(line)
+            if line.startswith("export KUBECONFIG="):
+                break
+        text = "".join(seen)
+        kubeconfig = tmp_path / ".demo" / "controlplane" / "kubeconfig"
+        assert f"export KUBECONFIG={kubeconfig}" in text, text
+        assert "driver: fake (asked for with --driver fake)" in text
+        assert "skipping 1 Migration example(s)" in text
+        assert any(line.split()[:2] == ["default", "tiny"] for line in seen), text
+        state = json.loads((tmp_path / ".demo" / "state.json").read_text())
+        assert set(state["processes"]) == {"etcd", "kube-apiserver", "controller", "agent"}
+        pids = [r["pid"] for r in state["processes"].values()] + [up.pid]
+        # The example was adapted to the demo's node and driver.
+        vi = subprocess.run(
+            ["kubectl", f"--kubeconfig={kubeconfig}", "get", "vi", "tiny", "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert json.loads(vi)["spec"]["hypervisor"] == "fake"
+        assert json.loads(vi)["spec"]["nodeName"] == socket.gethostname()
+
+        down = subprocess.run(
+            [*runner, "down"], capture_output=True, text=True, timeout=180, check=False
+        )
+        assert down.returncode == 0, down.stderr
+        assert up.wait(timeout=60) == 0
+        for pid in pids:
+            assert not psutil.pid_exists(pid), f"pid {pid} survived `down`"
+        assert not (tmp_path / ".demo" / "state.json").exists()
+        assert not (tmp_path / ".demo" / "controlplane").exists()
+    finally:
+        if up.poll() is None:
+            up.terminate()
+            up.wait(timeout=60)

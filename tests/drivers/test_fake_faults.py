@@ -1,0 +1,429 @@
+"""The fake driver's own promises: fault injection, persistence, concurrency, its node model.
+
+Why: the operator's tests lean on these knobs (fail a start, fail a migration at a given
+step, slow a migration down, crash an instance, restart an agent); each must do exactly what
+docs/drivers.md says, or those tests would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubehv.drivers import errors, fake, registry, values
+from tests.drivers import contract
+
+
+def node(path: Path, name: str = "node-a", **params: values.ParamValue) -> fake.FakeHypervisor:
+    return fake.FakeHypervisor(
+        values.DriverConfig(node_name=name, state_dir=str(path), params=params)
+    )
+
+
+def spec(name: str, lo: int = 128, hi: int = 256, **params: Any) -> values.InstanceSpec:
+    return values.InstanceSpec(
+        name=name, uid=str(uuid.uuid4()), memory_min_mib=lo, memory_max_mib=hi, params=params
+    )
+
+
+def state(drv: fake.FakeHypervisor, name: str) -> values.InstanceState | None:
+    info = drv.get_instance_info(name)
+    return info.state if info is not None else None
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[fake.FakeHypervisor, fake.FakeHypervisor]:
+    return node(tmp_path / "a", "node-a"), node(tmp_path / "b", "node-b")
+
+
+# --- registry and configuration ----------------------------------------------------------
+
+
+def test_registry_builds_the_fake_driver(tmp_path: Path) -> None:
+    drv = registry.create_driver(
+        "fake", values.DriverConfig(node_name="n", state_dir=str(tmp_path))
+    )
+    assert isinstance(drv, fake.FakeHypervisor)
+    assert drv.NAME == "fake"
+    assert drv.CAN_MIGRATE
+
+
+def test_uri_names_the_state_dir(tmp_path: Path) -> None:
+    drv = node(tmp_path / "a")
+    again = fake.FakeHypervisor(values.DriverConfig(node_name="n", uri=drv.uri))
+    drv.start_instance(spec("vm1"))
+    assert again.list_instances() == ["vm1"]
+    assert drv.uri == f"fake://{os.path.realpath(tmp_path / 'a')}"
+
+
+def test_bad_node_params_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(errors.ParameterError) as exc:
+        node(tmp_path, memory_total_mib=-5, cpu_total="four", bogus=1)
+    joined = " ".join(exc.value.problems)
+    assert "memory_total_mib" in joined and "cpu_total" in joined and "bogus" in joined
+
+
+def test_node_memory_from_params_and_startup_rule(tmp_path: Path) -> None:
+    drv = node(tmp_path, memory_mib=1000, memory_dom0_mib=100, cpu_total=8)
+    info = drv.get_node_info()
+    assert (info.memory_total_mib, info.memory_free_mib, info.cpu_total) == (1000, 900, 8)
+    assert drv.start_instance(spec("big", lo=100, hi=600)).memory_mib == 600
+    # 300 MiB left: the next one starts with what is free, between its min and max
+    assert drv.start_instance(spec("mid", lo=200, hi=600)).memory_mib == 300
+    with pytest.raises(errors.InsufficientMemory):
+        drv.start_instance(spec("none", lo=1, hi=10))
+    assert drv.get_node_info().instances_memory_mib == 900
+    drv.stop_instance(None, force=True, name="big")
+    assert drv.get_node_info().memory_free_mib == 600
+
+
+# --- lifecycle faults --------------------------------------------------------------------
+
+
+def test_fail_start(tmp_path: Path) -> None:
+    drv = node(tmp_path)
+    with pytest.raises(errors.InstanceStartError) as exc:
+        drv.start_instance(spec("vm1", fail_start=True))
+    assert exc.value.reason == "StartFailed"
+    assert drv.list_instances() == []
+    assert drv.get_node_info().instances_memory_mib == 0
+
+
+def test_crash_after_s_then_restart_counts_boots(tmp_path: Path) -> None:
+    drv = node(tmp_path, memory_total_mib=1000)
+    vm = spec("crashy", lo=100, hi=100, crash_after_s=0.2)
+    drv.start_instance(vm)
+    contract.wait_for(lambda: state(drv, "crashy") is values.InstanceState.CRASHED, 10, "the crash")
+    assert drv.list_instances() == []
+    assert drv.get_node_info().memory_free_mib == 1000
+    drv.start_instance(vm)  # the operator restarts it: a crash loop
+    assert drv.boot_count("crashy") == 2
+    contract.wait_for(
+        lambda: state(drv, "crashy") is values.InstanceState.CRASHED, 10, "the second crash"
+    )
+    drv.cleanup_instance("crashy")
+    assert drv.get_instance_info("crashy") is None
+
+
+def test_crash_on_demand_from_outside_the_agent(tmp_path: Path) -> None:
+    agent = node(tmp_path)
+    agent.start_instance(spec("vm1"))
+    agent.start_instance(spec("vm2"))
+    fake.crash_instance(str(tmp_path), "vm1", reason="test says so")  # another "process"
+    agent.crash_instance("vm2")
+    assert state(agent, "vm1") is values.InstanceState.CRASHED
+    assert state(agent, "vm2") is values.InstanceState.CRASHED
+    with pytest.raises(errors.InstanceNotFound):
+        agent.crash_instance("vm1")  # no longer alive
+    agent.stop_instance(None, name="vm1")  # stopping a crashed instance clears it
+    assert agent.get_instance_info("vm1") is None
+
+
+def test_graceful_stop_with_delay_passes_through_shutting_down(tmp_path: Path) -> None:
+    drv = node(tmp_path)
+    vm = spec("slowstop", shutdown_delay_s=0.3)
+    drv.start_instance(vm)
+    drv.stop_instance(vm)
+    assert state(drv, "slowstop") is values.InstanceState.SHUTTING_DOWN
+    assert drv.list_instances() == ["slowstop"]
+    drv.stop_instance(vm, retry=True)
+    contract.wait_for(lambda: drv.get_instance_info("slowstop") is None, 10, "power off")
+    assert drv.list_instances() == []
+
+
+def test_ignore_shutdown_makes_shutdown_instance_force(tmp_path: Path) -> None:
+    drv = node(tmp_path)
+    vm = spec("stubborn", ignore_shutdown=True)
+    drv.start_instance(vm)
+    drv.stop_instance(vm)
+    assert state(drv, "stubborn") is values.InstanceState.RUNNING
+    assert drv.shutdown_instance(vm, timeout_s=0.3, poll_s=0.05) is True
+    assert drv.get_instance_info("stubborn") is None
+
+
+def test_balloon_up_needs_free_memory(tmp_path: Path) -> None:
+    drv = node(tmp_path, memory_total_mib=1000)
+    drv.start_instance(spec("filler", lo=700, hi=700))
+    vm = spec("growing", lo=100, hi=400)
+    assert drv.start_instance(vm).memory_mib == 300
+    drv.balloon_instance_memory(vm, 100)
+    drv.balloon_instance_memory(vm, 300)
+    with pytest.raises(errors.InsufficientMemory):
+        drv.balloon_instance_memory(vm, 400)
+    info = drv.get_instance_info("growing")
+    assert info is not None and info.memory_mib == 300
+
+
+def test_foreign_instances_are_listed_apart(tmp_path: Path) -> None:
+    drv = node(tmp_path)
+    drv.start_instance(spec("ours"))
+    fake.add_foreign_instance(str(tmp_path), "someone-elses")
+    assert drv.list_foreign_instances() == ["someone-elses"]
+    assert drv.list_instances() == ["ours"]
+
+
+# --- verify --------------------------------------------------------------------------------
+
+
+def test_verify_reports_configured_and_file_faults(tmp_path: Path) -> None:
+    assert node(tmp_path / "ok").verify().ok
+    configured = node(tmp_path / "cfg", verify_fail="disk on fire").verify()
+    assert configured.problems == ("disk on fire",)
+    drv = node(tmp_path / "file")
+    (tmp_path / "file" / "verify_fail").write_text("flipped at runtime\n")
+    assert drv.verify().problems == ("flipped at runtime",)
+    assert drv.format_verify_results(list(drv.verify().problems)) == "flipped at runtime"
+
+
+def test_verify_reports_unwritable_state_dir(tmp_path: Path) -> None:
+    drv = node(tmp_path)
+    os.rmdir(tmp_path / "instances")
+    (tmp_path / "instances").write_text("not a directory")  # unwritable even for root
+    problems = drv.verify().problems
+    assert len(problems) == 1 and "not writable" in problems[0]
+
+
+# --- persistence (agent restart) and concurrency ----------------------------------------
+
+
+def test_state_survives_reinstantiation(tmp_path: Path) -> None:
+    first = node(tmp_path, memory_total_mib=4096)
+    one, two = spec("one", lo=100, hi=300), spec("two", lo=100, hi=300)
+    first.start_instance(one)
+    first.start_instance(two, startup_paused=True)
+    first.balloon_instance_memory(one, 150)
+    first.reboot_instance(one)
+    del first
+    again = node(tmp_path, memory_total_mib=4096)  # the agent restarted
+    assert again.list_instances() == ["one", "two"]
+    info = again.get_instance_info("one")
+    assert info is not None and info.memory_mib == 150 and info.state.is_alive
+    assert state(again, "two") is values.InstanceState.PAUSED
+    assert again.boot_count("one") == 2
+    assert again.get_node_info().instances_memory_mib == 450
+    again.stop_instance(two, force=True)
+    assert again.list_instances() == ["one"]
+
+
+def test_concurrent_starts_never_overcommit(tmp_path: Path) -> None:
+    drv = node(tmp_path, memory_total_mib=1000)
+    other = node(tmp_path, memory_total_mib=1000)  # a second driver object, same node
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def start(i: int) -> None:
+        d = drv if i % 2 else other
+        try:
+            d.start_instance(spec(f"vm{i}", lo=100, hi=100))
+            result = "ok"
+        except errors.InsufficientMemory:
+            result = "full"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 10
+    assert outcomes.count("full") == 6
+    assert len(drv.list_instances()) == 10
+    assert drv.get_node_info().memory_free_mib == 0
+
+
+# --- migration faults ---------------------------------------------------------------------
+
+
+def _migrate(
+    src: fake.FakeHypervisor, dst: fake.FakeHypervisor, vm: values.InstanceSpec
+) -> str | None:
+    """The operator's protocol: each step; on failure both finalize(False). Returns failed step."""
+    info = ""
+    step = "migration_info"
+    try:
+        info = src.migration_info(vm)
+        step = "accept"
+        dst.accept_instance(vm, info, "node-b")
+        step = "migrate"
+        src.migrate_instance(vm, dst.migration_target(), live=True)
+        step = "finalize_dst"
+        dst.finalize_migration_dst(vm, info, True)
+    except errors.MigrationError:
+        if info:
+            dst.finalize_migration_dst(vm, info, False)
+        src.finalize_migration_source(vm, False, True)
+        return step
+    step = "finalize_source"
+    try:
+        src.finalize_migration_source(vm, True, True)
+    except errors.MigrationError:
+        return step
+    return None
+
+
+@pytest.mark.parametrize(
+    "step", ["migration_info", "accept", "migrate", "finalize_dst", "finalize_source"]
+)
+def test_fail_migration_at_each_step(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor], step: str
+) -> None:
+    src, dst = pair
+    vm = spec("mover", fail_migration_at=step)
+    src.start_instance(vm)
+    assert _migrate(src, dst, vm) == step
+    if step == "finalize_source":
+        # The move itself worked: the instance runs once, on the target; the source keeps
+        # only a leftover that is not an instance and that cleanup removes.
+        assert dst.list_instances() == ["mover"]
+        assert src.list_instances() == []
+        assert src.get_instance_info("mover") is None
+        src.cleanup_instance("mover")
+        assert not os.listdir(src.store.instances_dir)
+    else:
+        assert src.list_instances() == ["mover"]
+        assert state(src, "mover") is values.InstanceState.RUNNING
+        assert dst.list_instances() == []
+        assert dst.get_node_info().instances_memory_mib == 0
+
+
+def test_migration_without_faults_moves_state(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor],
+) -> None:
+    src, dst = pair
+    vm = spec("mover", lo=100, hi=300)
+    src.start_instance(vm, startup_paused=True)
+    src.balloon_instance_memory(vm, 200)
+    src.reboot_instance(vm)
+    src.pause_instance(vm)
+    assert _migrate(src, dst, vm) is None
+    info = dst.get_instance_info("mover")
+    assert info is not None and info.memory_mib == 200
+    assert info.state is values.InstanceState.PAUSED  # paused stays paused
+    assert dst.boot_count("mover") == 2
+    assert not os.listdir(src.store.instances_dir)
+
+
+def test_accept_refuses_without_memory(tmp_path: Path) -> None:
+    src, dst = node(tmp_path / "a"), node(tmp_path / "b", memory_total_mib=100)
+    vm = spec("big", lo=200, hi=200)
+    src.start_instance(vm)
+    info = src.migration_info(vm)
+    with pytest.raises(errors.InsufficientMemory):
+        dst.accept_instance(vm, info, "node-b")
+
+
+def test_migrate_without_accept_fails(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor],
+) -> None:
+    src, dst = pair
+    vm = spec("mover")
+    src.start_instance(vm)
+    src.migration_info(vm)
+    with pytest.raises(errors.MigrationError, match="has not accepted"):
+        src.migrate_instance(vm, dst.migration_target(), live=True)
+    assert src.get_migration_status(vm).state is values.MigrationState.FAILED
+    assert state(src, "mover") is values.InstanceState.RUNNING
+
+
+@pytest.mark.parametrize("how", ["duration", "bandwidth"])
+def test_slow_migration_progress_polled_from_other_threads(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor], tmp_path: Path, how: str
+) -> None:
+    src, dst = pair
+    params: dict[str, Any] = {"migration_duration_s": 1.0} if how == "duration" else {}
+    options = values.MigrationOptions(bandwidth_mib_s=256) if how == "bandwidth" else None
+    vm = spec("slow", lo=256, hi=256, **params)
+    src.start_instance(vm)
+    info = src.migration_info(vm)
+    dst.accept_instance(vm, info, "node-b")
+    observer = node(tmp_path / "a", "node-a")  # another driver object on the source node
+    seen: list[values.MigrationStatus] = []
+    mover = threading.Thread(
+        target=src.migrate_instance, args=(vm, dst.migration_target(), False, options)
+    )
+    mover.start()
+    while mover.is_alive():
+        seen.append(observer.get_migration_status(vm))
+    mover.join()
+    processed = [s.memory_processed_bytes for s in seen]
+    assert processed == sorted(processed)
+    partial = [s for s in seen if 0 < s.memory_processed_bytes < s.memory_total_bytes]
+    assert partial and all(s.state is values.MigrationState.ACTIVE for s in partial)
+    assert all(s.memory_total_bytes == 256 * 1024 * 1024 for s in seen)
+    done = src.get_migration_status(vm)
+    assert done.state is values.MigrationState.COMPLETED and done.percent == 100.0
+
+
+def test_abort_before_transfer_starts(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor],
+) -> None:
+    src, dst = pair
+    vm = spec("mover")
+    src.start_instance(vm)
+    info = src.migration_info(vm)
+    dst.accept_instance(vm, info, "node-b")
+    src.abort_migration(vm)
+    with pytest.raises(errors.MigrationAborted):
+        src.migrate_instance(vm, dst.migration_target(), live=True)
+    assert src.get_migration_status(vm).state is values.MigrationState.CANCELLED
+    dst.finalize_migration_dst(vm, info, False)
+    src.finalize_migration_source(vm, False, True)
+    assert src.list_instances() == ["mover"] and dst.list_instances() == []
+
+
+_MIGRATE_IN_CHILD = """
+import sys
+from kubehv.drivers import fake, values
+fake.FakeHypervisor.TRANSFER_STEPS = 6000  # small steps: progress shows at once
+src = fake.FakeHypervisor(values.DriverConfig(node_name="node-a", state_dir=sys.argv[1]))
+vm = values.InstanceSpec(name="mover", uid="u", memory_min_mib=128, memory_max_mib=256,
+                         params={"migration_duration_s": 600.0})
+src.migrate_instance(vm, values.MigrationTarget(node="node-b", address="b", uri=sys.argv[2]),
+                     live=True)
+"""
+
+
+def test_source_agent_killed_mid_migration(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor],
+) -> None:
+    """kill -9 of the migrating process: status says interrupted, and the cleanup works."""
+    src, dst = pair
+    vm = spec("mover", migration_duration_s=600.0)
+    src.start_instance(vm)
+    info = src.migration_info(vm)
+    dst.accept_instance(vm, info, "node-b")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _MIGRATE_IN_CHILD, src.store.state_dir, dst.uri],
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    try:
+        contract.wait_for(
+            lambda: src.get_migration_status(vm).memory_processed_bytes > 0,
+            60,
+            "the child to start transferring",
+        )
+        assert src.get_migration_status(vm).state is values.MigrationState.ACTIVE
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    status = src.get_migration_status(vm)
+    assert status.state is values.MigrationState.FAILED
+    assert "interrupted" in status.message
+    # Ganeti's cleanup: the instance really runs on the source, so undo both sides.
+    assert state(src, "mover") is values.InstanceState.RUNNING
+    dst.finalize_migration_dst(vm, info, False)
+    src.finalize_migration_source(vm, False, True)
+    assert src.list_instances() == ["mover"] and dst.list_instances() == []
+    # and a new migration works afterwards
+    fresh = spec("mover")
+    assert _migrate(src, dst, fresh) is None
+    assert dst.list_instances() == ["mover"]

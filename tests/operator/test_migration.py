@@ -1,0 +1,180 @@
+"""The Migration protocol against the real API server: controller + 3 fake agents as processes.
+
+Each test uses its own namespace and instance names, so tests can share the cluster.
+Behaviour only: phases reached, where the fake VM runs (the agents' state directories),
+reasons written; never how long anything took.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import migration_helpers as h
+import pytest
+
+pytestmark = pytest.mark.apiserver
+
+SLOW = {"migration_duration_s": 3.0}
+
+
+def placed(cluster: Any, namespace: str, name: str, **kw: Any) -> tuple[str, dict[str, Any]]:
+    h.create_instance(cluster, namespace, name, **kw)
+    vi = h.wait_instance_running(cluster, namespace, name)
+    return vi["status"]["nodeName"], vi
+
+
+def state_dir(cluster: Any, node: str) -> Any:
+    return cluster.agents[node].state_dir
+
+
+def other_node(cluster: Any, node: str) -> str:
+    return sorted(n for n in cluster.agents if n != node)[0]
+
+
+@pytest.mark.parametrize("mode", ["live", "non-live"])
+def test_migration_succeeds_with_progress(operator_cluster: Any, namespace: str, mode: str) -> None:
+    cluster = operator_cluster
+    source, _ = placed(cluster, namespace, "vm-ok", params=SLOW)
+    target = other_node(cluster, source)
+    name = h.create_migration(cluster, namespace, "vm-ok", targetNode=target, mode=mode)
+    watch = h.PhaseWatch(cluster, namespace, name)
+    body = watch.until({"Succeeded", "Failed", "Aborted"})
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert "Running" in watch.phases
+    assert watch.progress_while_running, "no progress seen while Running"
+    assert body["status"]["sourceNode"] == source
+    assert body["status"]["targetNode"] == target
+
+    def moved() -> bool:
+        vi = h.get(cluster, namespace, "virtualinstances", "vm-ok") or {}
+        return (vi.get("status") or {}).get("nodeName") == target
+
+    h.wait_for("nodeName moved to the target", moved)
+    assert h.alive_on(state_dir(cluster, target), "vm-ok")
+    assert "vm-ok" not in h.fake_instances(state_dir(cluster, source))
+    h.wait_instance_running(cluster, namespace, "vm-ok")
+
+
+@pytest.mark.parametrize("step", ["migration_info", "accept", "migrate", "finalize_dst"])
+def test_injected_failure_leaves_vm_on_source(
+    operator_cluster: Any, namespace: str, step: str
+) -> None:
+    cluster = operator_cluster
+    vm = f"vm-fail-{step.replace('_', '-')}"
+    source, _ = placed(cluster, namespace, vm, params={"fail_migration_at": step})
+    target = other_node(cluster, source)
+    name = h.create_migration(cluster, namespace, vm, targetNode=target)
+    body = h.PhaseWatch(cluster, namespace, name).until({"Succeeded", "Failed", "Aborted"})
+    status = body["status"]
+    assert status["phase"] == "Failed", status
+    assert status.get("failureReason")
+
+    def cleaned() -> bool:
+        b = h.get(cluster, namespace, "migrations", name) or {}
+        conds = {c["type"]: c["status"] for c in (b.get("status") or {}).get("conditions", [])}
+        return conds.get("SourceFinalized") == "True" and conds.get("TargetFinalized") == "True"
+
+    h.wait_for("both sides finalized", cleaned)
+    assert h.alive_on(state_dir(cluster, source), vm)
+    assert vm not in h.fake_instances(state_dir(cluster, target))
+    vi = h.wait_instance_running(cluster, namespace, vm)
+    assert vi["status"]["nodeName"] == source
+
+
+def test_finalize_source_failure_still_succeeds(operator_cluster: Any, namespace: str) -> None:
+    """Once the VM runs on the target, a source cleanup problem must not run it twice."""
+    cluster = operator_cluster
+    source, _ = placed(cluster, namespace, "vm-fs", params={"fail_migration_at": "finalize_source"})
+    name = h.create_migration(cluster, namespace, "vm-fs")
+    body = h.PhaseWatch(cluster, namespace, name).until({"Succeeded", "Failed"})
+    target = body["status"]["targetNode"]
+    assert body["status"]["phase"] == "Succeeded"
+    assert h.alive_on(state_dir(cluster, target), "vm-fs")
+    assert not h.alive_on(state_dir(cluster, source), "vm-fs")
+
+
+@pytest.mark.parametrize("how", ["delete", "annotate"])
+def test_abort_during_running(operator_cluster: Any, namespace: str, how: str) -> None:
+    cluster = operator_cluster
+    vm = f"vm-abort-{how}"
+    source, _ = placed(cluster, namespace, vm, params={"migration_duration_s": 30.0})
+    name = h.create_migration(cluster, namespace, vm)
+    watch = h.PhaseWatch(cluster, namespace, name)
+    watch.until({"Running"})
+    api = h.custom(cluster)
+    if how == "delete":
+        api.delete_namespaced_custom_object(h.G, h.V, namespace, "migrations", name)
+        body = watch.until({"Aborted", "Failed", "Succeeded"})
+        h.wait_for(
+            "the deleted Migration to go away",
+            lambda: h.get(cluster, namespace, "migrations", name) is None,
+        )
+    else:
+        api.patch_namespaced_custom_object(
+            h.G,
+            h.V,
+            namespace,
+            "migrations",
+            name,
+            {"metadata": {"annotations": {"kubehv.io/abort": "true"}}},
+        )
+        body = watch.until({"Aborted", "Failed", "Succeeded"})
+    assert body["status"]["phase"] == "Aborted", body["status"]
+    vi = h.wait_instance_running(cluster, namespace, vm)
+    assert vi["status"]["nodeName"] == source
+    assert h.alive_on(state_dir(cluster, source), vm)
+
+
+def test_second_migration_for_same_instance_refused(operator_cluster: Any, namespace: str) -> None:
+    cluster = operator_cluster
+    placed(cluster, namespace, "vm-two", params={"migration_duration_s": 6.0})
+    first = h.create_migration(cluster, namespace, "vm-two")
+    h.PhaseWatch(cluster, namespace, first).until(
+        {"Scheduled", "Preparing", "TargetReady", "Running"}
+    )
+    second = h.create_migration(cluster, namespace, "vm-two")
+    body = h.PhaseWatch(cluster, namespace, second).until({"Failed", "Succeeded", "Scheduled"})
+    assert body["status"]["phase"] == "Failed"
+    assert first in body["status"]["failureReason"]
+    assert (
+        h.PhaseWatch(cluster, namespace, first).until({"Succeeded", "Failed"})["status"]["phase"]
+        == "Succeeded"
+    )
+
+
+@pytest.mark.parametrize("victim", ["source", "target"])
+def test_agent_killed_mid_migration_runs_once(
+    operator_cluster: Any, namespace: str, victim: str
+) -> None:
+    cluster = operator_cluster
+    vm = f"vm-kill-{victim}"
+    source, _ = placed(cluster, namespace, vm, params={"migration_duration_s": 6.0})
+    target = other_node(cluster, source)
+    name = h.create_migration(cluster, namespace, vm, targetNode=target)
+    watch = h.PhaseWatch(cluster, namespace, name)
+    watch.until({"Running"})
+    node = source if victim == "source" else target
+    cluster.agents[node].kill()
+    cluster.agents[node].start()
+    body = watch.until({"Succeeded", "Failed", "Aborted"}, timeout=180)
+    phase = body["status"]["phase"]
+    where = target if phase == "Succeeded" else source
+    elsewhere = source if where == target else target
+
+    def once() -> bool:
+        return h.alive_on(state_dir(cluster, where), vm) and not h.alive_on(
+            state_dir(cluster, elsewhere), vm
+        )
+
+    h.wait_for(f"{vm} alive on {where} only after {phase}", once)
+    vi = h.wait_for(
+        "nodeName to match where the VM runs",
+        lambda: (
+            (h.get(cluster, namespace, "virtualinstances", vm) or {})
+            .get("status", {})
+            .get("nodeName")
+            == where
+        ),
+    )
+    assert vi
+    print(f"killed {victim} agent while Running -> {phase}: {body['status'].get('failureReason')}")
