@@ -61,6 +61,7 @@ bench: bootstrap
 crds: venv
 	$(PY) -m kubehv.cli crds --output-dir crds
 	$(PY) -m kubehv.cli crds --output-dir manifests/base/crds
+	$(PY) -m kubehv.cli crds --reference --output docs/reference.md
 
 lock:
 	python3 -m venv /tmp/kubehv-lock-venv && /tmp/kubehv-lock-venv/bin/pip install -q -r requirements.txt \

@@ -235,12 +235,20 @@ class Demo:
         agent += ["--node-name", self.node_name, "--hypervisor", self.driver]
         if "--kubeconfig" in aflags:
             agent += ["--kubeconfig", str(self.cp.kubeconfig)]
-        if self.kvm is not None:
-            for flag in ("--uri", "--connection-uri", "--libvirt-uri"):
-                if flag in aflags:
-                    agent += [flag, self.kvm.uri]
-                    break
+        # The agent's own state (fake instances, VNC password files) stays in .demo/, not in
+        # /var/lib/kubehv, so `down` leaves nothing behind outside the checkout.
+        state_dir = DEMO_DIR / "agent-state"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if "--state-dir" in aflags:
+            agent += ["--state-dir", str(state_dir)]
+        for flag in ("--connection-uri", "--uri", "--libvirt-uri"):
+            if flag in aflags:
+                agent += [flag, self.connection_uri(state_dir)]
+                break
         self._spawn("agent", agent)
+
+    def connection_uri(self, state_dir: Path) -> str:
+        return self.kvm.uri if self.kvm is not None else f"fake://{state_dir}"
 
     def apply_examples(self) -> list[tuple[str, str]]:
         """Apply examples/ (adapted to this node and driver); return the VIs to wait for."""
@@ -252,7 +260,8 @@ class Demo:
             docs += [d for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
         # A Migration needs a second node; the demo has one, so those are shown, not applied.
         skipped = [d for d in docs if d.get("kind") == "Migration"]
-        docs = [adapt_example(d, self.driver, self.node_name, self.kvm) for d in docs]
+        uri = self.connection_uri(DEMO_DIR / "agent-state")
+        docs = [adapt_example(d, self.driver, self.node_name, self.kvm, uri) for d in docs]
         docs = [d for d in docs if d.get("kind") != "Migration"]
         if skipped:
             progress(f"skipping {len(skipped)} Migration example(s): the demo has one node")
@@ -304,7 +313,27 @@ class Demo:
             f"running with the {self.driver} driver; Ctrl-C or `make demo-down` stops everything"
         )
 
+    def delete_instances(self) -> None:
+        """Delete every VirtualInstance while the agent still runs, so that it stops the VMs.
+
+        Stopping the agent alone would leave the QEMU processes of a kvm demo running: an
+        agent's shutdown deliberately leaves guests alone (an agent upgrade must not kill
+        VMs). Deleting the objects makes the agent destroy the domains and drop its finalizer.
+        """
+        agent = self.procs.get("agent")
+        if agent is None or not agent.alive() or "kube-apiserver" not in self.cp.pids():
+            return
+        progress("deleting the VirtualInstances (their agent stops the VMs)")
+        proc = self.cp.kubectl(
+            "delete", "vi", "--all", "--all-namespaces", "--wait=true", "--timeout=90s",
+            check=False, timeout=120,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            progress(f"could not delete every VirtualInstance: {proc.stderr.strip()}")
+
     def stop(self) -> None:
+        with contextlib.suppress(Exception):  # best effort: processes are stopped regardless
+            self.delete_instances()
         for name in ("agent", "controller"):
             proc = self.procs.pop(name, None)
             if proc is not None:
@@ -318,9 +347,29 @@ class Demo:
 
 
 def adapt_example(
-    doc: dict[str, Any], driver: str, node: str, kvm: KvmSetup | None
+    doc: dict[str, Any],
+    driver: str,
+    node: str,
+    kvm: KvmSetup | None,
+    connection_uri: str | None = None,
 ) -> dict[str, Any]:
-    """An example as the demo applies it: on this driver, on this node, booting the guest."""
+    """An example as the demo applies it: on this driver, on this node, booting the guest.
+
+    The NodeHypervisor example describes a node called ``node-a``; the demo's one node is
+    this machine, whose agent has already registered it: the example becomes that object
+    (same name, driver and URI), so applying it adds its labels instead of a second node
+    that no agent serves and that would never be Ready.
+    """
+    if doc.get("kind") == "NodeHypervisor":
+        doc = json.loads(json.dumps(doc))
+        doc.setdefault("metadata", {})["name"] = node
+        spec = doc.setdefault("spec", {})
+        spec["nodeName"] = node
+        spec["hypervisor"] = driver
+        if connection_uri:
+            spec["connectionURI"] = connection_uri
+        spec.pop("migrationAddress", None)  # one node: nothing to migrate to
+        return doc
     if doc.get("kind") != "VirtualInstance":
         return doc
     doc = json.loads(json.dumps(doc))  # a deep copy
@@ -379,13 +428,31 @@ def up(args: argparse.Namespace) -> int:
         progress("stopped every process the demo started")
 
 
+def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
+    """Wait until ``proc`` has exited; a zombie counts as exited.
+
+    ``psutil.Process.wait`` on a process that is not our child polls for the pid, and a
+    zombie keeps its pid until its parent reaps it: when ``up`` runs under a parent that
+    waits for it only after ``down`` returns (a test, a supervisor), waiting for the pid
+    would always take the whole timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def down_from_state(state: dict[str, Any]) -> None:
     main = _same_process(state.get("up", {}))
     if main is not None:
         progress(f"asking the demo (pid {main.pid}) to stop")
         main.terminate()
-        with contextlib.suppress(psutil.TimeoutExpired):
-            main.wait(timeout=90)
+        _wait_gone(main, timeout=150)
     for name, record in state.get("processes", {}).items():
         proc = _same_process(record)
         if proc is None:
@@ -393,9 +460,7 @@ def down_from_state(state: dict[str, Any]) -> None:
         progress(f"stopping leftover {name} (pid {proc.pid})")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except psutil.TimeoutExpired:
+        if not _wait_gone(proc, timeout=15):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
     data_dir = state.get("data_dir")

@@ -37,9 +37,7 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
     spec = nhv.get("spec") or {}
     # The NodeHypervisor's spec wins over flags: it is what the cluster says this node is.
     cfg.hypervisor = str(spec.get("hypervisor") or cfg.hypervisor)
-    cfg.connection_uri = (
-        spec.get("connectionUri") or spec.get("connectionURI") or cfg.connection_uri
-    )
+    cfg.connection_uri = spec.get("connectionURI") or cfg.connection_uri
     cfg.migration_address = spec.get("migrationAddress") or cfg.migration_address
     driver = driver_registry.create_driver(
         cfg.hypervisor,

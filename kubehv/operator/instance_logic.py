@@ -118,7 +118,8 @@ class View:
         target = translate.to_mib(auto.get("target")) if auto.get("enabled") else None
         ready = status.condition(st, "Ready") or {}
         return cls(
-            name=str(meta.get("name", "")),
+            # The hypervisor-level name (namespace-qualified): every driver call uses it.
+            name=translate.instance_name(vi),
             generation=int(meta.get("generation") or 0),
             deleting=bool(meta.get("deletionTimestamp")),
             has_finalizer=k8s.FINALIZER in (meta.get("finalizers") or []),

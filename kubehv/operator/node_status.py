@@ -26,7 +26,7 @@ def nhv_body(
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"nodeName": node, "hypervisor": hypervisor}
     if uri:
-        spec["connectionUri"] = uri
+        spec["connectionURI"] = uri
     if migration_address:
         spec["migrationAddress"] = migration_address
     return {

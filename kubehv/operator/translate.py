@@ -9,11 +9,14 @@ No I/O: the VNC password file path is handed in by the caller, which wrote it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 from kubehv.api import quantity
 from kubehv.drivers import values
+
+_MAX_NAME = 128
 
 
 def to_mib(value: Any) -> int | None:
@@ -30,8 +33,19 @@ def to_mib(value: Any) -> int | None:
 
 
 def instance_name(vi: Mapping[str, Any]) -> str:
-    """The hypervisor-level name: the object's name (unique per namespace; see docs)."""
-    return str((vi.get("metadata") or {}).get("name", ""))
+    """The hypervisor-level name: ``<namespace>.<name>``, unique on a node.
+
+    Object names are unique only per namespace, and one node runs instances of many
+    namespaces, so the namespace is part of the name (namespaces have no dots, so the first
+    dot splits it back). Names longer than the drivers' 128-character limit keep a readable
+    prefix and end in a hash of the full name.
+    """
+    meta = vi.get("metadata") or {}
+    full = f"{meta.get('namespace') or 'default'}.{meta.get('name', '')}"
+    if len(full) <= _MAX_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:12]
+    return f"{full[: _MAX_NAME - 13].rstrip('.-')}-{digest}"
 
 
 def memory_mib(spec: Mapping[str, Any]) -> tuple[int, int]:

@@ -57,8 +57,18 @@ def test_adapt_example_targets_this_node_driver_and_guest() -> None:
     assert fake["spec"]["hypervisor"] == "fake"
     assert fake["spec"]["boot"] == {"kernel": "/k"}
     assert vi["spec"]["nodeName"] == "node-a"  # the input is not modified
-    nhv = {"kind": "NodeHypervisor", "spec": {"nodeName": "x"}}
-    assert demo.adapt_example(nhv, "fake", "here", None) == nhv
+    nhv = {"kind": "NodeHypervisor", "metadata": {"name": "node-a"}, "spec": {"nodeName": "x"}}
+    nhv["spec"]["migrationAddress"] = "10.200.0.1"
+    mine = demo.adapt_example(nhv, "kvm", "here", kvm, "qemu:///system")
+    assert mine["metadata"]["name"] == "here"  # the node the demo's agent registered
+    assert mine["spec"] == {
+        "nodeName": "here",
+        "hypervisor": "kvm",
+        "connectionURI": "qemu:///system",
+    }
+    assert nhv["metadata"]["name"] == "node-a"  # the input is not modified
+    other = {"kind": "Migration", "spec": {"instance": "web"}}
+    assert demo.adapt_example(other, "fake", "here", None) == other
 
 
 @pytest.mark.apiserver
@@ -216,3 +226,89 @@ def test_up_reaches_ready_and_down_stops_everything(
         if up.poll() is None:
             up.terminate()
             up.wait(timeout=60)
+
+
+_REAL_RUNNER = """
+import sys
+from pathlib import Path
+from kubehv import demo
+t = Path(sys.argv[1])
+demo.DEMO_DIR, demo.STATE_FILE = t / ".demo", t / ".demo" / "state.json"
+sys.exit(demo.main(sys.argv[2:]))
+"""
+
+
+def _libvirt_domains() -> list[str]:
+    proc = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.apiserver
+def test_up_with_the_real_operator_reaches_ready_and_down_leaves_nothing(
+    control_plane: controlplane.ControlPlane, tmp_path: Path
+) -> None:
+    """`make demo` as a user runs it: real controller and agent, the repo's CRDs and examples.
+
+    The driver is the demo's own choice (kvm with real guests where libvirt runs, else fake);
+    ``control_plane`` is requested only so that this skips where no apiserver can run.
+    """
+    (tmp_path / "runner.py").write_text(_REAL_RUNNER)
+    runner = [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)]
+    up = subprocess.Popen(
+        [*runner, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen: list[str] = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            seen.append(line)
+            if line.startswith("export KUBECONFIG="):
+                break
+        text = "".join(seen)
+        kubeconfig = tmp_path / ".demo" / "controlplane" / "kubeconfig"
+        assert f"export KUBECONFIG={kubeconfig}" in text, text
+        state = json.loads((tmp_path / ".demo" / "state.json").read_text())
+        assert set(state["processes"]) == {"etcd", "kube-apiserver", "controller", "agent"}
+        pids = [r["pid"] for r in state["processes"].values()] + [up.pid]
+        # Every example VirtualInstance was made Ready by the real agent on this node.
+        out = subprocess.run(
+            ["kubectl", f"--kubeconfig={kubeconfig}", "get", "vi", "-A", "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        items = json.loads(out)["items"]
+        assert {i["metadata"]["name"] for i in items} == {"demo-fake", "demo-kvm"}
+        for item in items:
+            assert item["status"]["phase"] == "Running", item["status"]
+            assert item["status"]["nodeName"] == socket.gethostname(), item["status"]
+        # The NodeHypervisor example became this node's (no second, never-Ready node).
+        nhvs = subprocess.run(
+            ["kubectl", f"--kubeconfig={kubeconfig}", "get", "nhv", "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert [n["metadata"]["name"] for n in json.loads(nhvs)["items"]] == [socket.gethostname()]
+        domains = ["default.demo-fake", "default.demo-kvm"]
+        if state["driver"] == "kvm":
+            assert set(domains) <= set(_libvirt_domains())
+
+        down = subprocess.run(
+            [*runner, "down"], capture_output=True, text=True, timeout=180, check=False
+        )
+        assert down.returncode == 0, down.stderr
+        assert up.wait(timeout=120) == 0
+        for pid in pids:
+            assert not psutil.pid_exists(pid), f"pid {pid} survived `down`"
+        assert not set(domains) & set(_libvirt_domains()), "the demo's VMs survived `down`"
+        assert not (tmp_path / ".demo" / "state.json").exists()
+    finally:
+        if up.poll() is None:
+            up.terminate()
+            up.wait(timeout=120)

@@ -45,7 +45,7 @@ def create_instance(
         "runState": "Running",
     }
     if params:
-        spec["params"] = params
+        spec["hypervisorParameters"] = params
     if pin:
         spec["nodeName"] = pin
     body = {"apiVersion": f"{G}/{V}", "kind": "VirtualInstance", "metadata": {"name": name}}
@@ -139,21 +139,26 @@ class PhaseWatch:
         return result
 
 
-def fake_instances(state_dir: str | Path) -> dict[str, str]:
-    """name -> status of the fake driver's records on one node (only the visible ones)."""
+def fake_instances(state_dir: str | Path, namespace: str) -> dict[str, str]:
+    """VI name -> status of ``namespace``'s fake driver records on one node.
+
+    Driver-level names are ``<namespace>.<name>``; other namespaces' records are left out.
+    """
 
     out: dict[str, str] = {}
     folder = Path(state_dir) / "instances"
     if not folder.is_dir():
         return out
+    prefix = f"{namespace}."
     for path in folder.glob("*.json"):
         try:
             rec = json.loads(path.read_text())
         except ValueError:
             continue
-        out[rec["name"]] = rec["status"]
+        if rec["name"].startswith(prefix):
+            out[rec["name"][len(prefix) :]] = rec["status"]
     return out
 
 
-def alive_on(state_dir: str | Path, name: str) -> bool:
-    return fake_instances(state_dir).get(name) in ("running", "paused", "shutting-down")
+def alive_on(state_dir: str | Path, namespace: str, name: str) -> bool:
+    return fake_instances(state_dir, namespace).get(name) in ("running", "paused", "shutting-down")

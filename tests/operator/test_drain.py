@@ -96,7 +96,7 @@ def test_drain_moves_every_instance_per_policy(operator_cluster: Any, namespace:
         for name in names:
             vi = h.wait_instance_running(cluster, namespace, name)
             assert vi["status"]["nodeName"] != node
-            assert not h.alive_on(cluster.agents[node].state_dir, name)
+            assert not h.alive_on(cluster.agents[node].state_dir, namespace, name)
         migs = api.list_namespaced_custom_object(h.G, h.V, namespace, "migrations")["items"]
         modes = {m["spec"]["instance"]: m["spec"].get("mode", "live") for m in migs}
         assert modes == {"dr-live": "live", "dr-cold": "non-live"}

@@ -33,7 +33,7 @@ def test_create_runs_and_delete_cleans_up(
     assert st["observedGeneration"] == vi["metadata"]["generation"]
     assert st["hypervisorId"]
     assert "kubehv.io/instance" in vi["metadata"]["finalizers"]
-    assert c.fake_instances(node).get("life") == "running"
+    assert c.fake_instances(node, namespace).get("life") == "running"
     reasons = {e["reason"] for e in c.events(namespace, "life")}
     assert {"Scheduled", "Started"} <= reasons
 
@@ -41,7 +41,7 @@ def test_create_runs_and_delete_cleans_up(
         "kubehv.io", "v1alpha1", namespace, "virtualinstances", "life"
     )
     wait_for(lambda: c.get_vi(namespace, "life") is None, 60, "VI gone (finalizer removed)")
-    assert "life" not in c.fake_instances(node)
+    assert "life" not in c.fake_instances(node, namespace)
 
 
 def test_run_states_reboot_and_balloon(operator_cluster: OperatorCluster, namespace: str) -> None:
@@ -52,7 +52,7 @@ def test_run_states_reboot_and_balloon(operator_cluster: OperatorCluster, namesp
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Paused"}})
     c.wait_phase(namespace, "states", "Paused")
-    assert c.fake_instances(node)["states"] == "paused"
+    assert c.fake_instances(node, namespace)["states"] == "paused"
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Running"}})
     c.wait_vi(namespace, "states", running)
@@ -68,13 +68,13 @@ def test_run_states_reboot_and_balloon(operator_cluster: OperatorCluster, namesp
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Stopped"}})
     c.wait_phase(namespace, "states", "Stopped")
-    assert "states" not in c.fake_instances(node)
+    assert "states" not in c.fake_instances(node, namespace)
     vi = c.get_vi(namespace, "states")
     assert vi is not None and vi["status"]["nodeName"] == node  # stays placed while stopped
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Running"}})
     c.wait_vi(namespace, "states", running)
-    assert c.fake_instances(node)["states"] == "running"
+    assert c.fake_instances(node, namespace)["states"] == "running"
 
 
 def test_crash_loop_restarts_with_events_then_fails(

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.apiserver
 
-SLOW = {"migration_duration_s": 3.0}
+SLOW = {"migration_duration_s": 3}
 
 
 def placed(cluster: Any, namespace: str, name: str, **kw: Any) -> tuple[str, dict[str, Any]]:
@@ -50,8 +50,8 @@ def test_migration_succeeds_with_progress(operator_cluster: Any, namespace: str,
         return (vi.get("status") or {}).get("nodeName") == target
 
     h.wait_for("nodeName moved to the target", moved)
-    assert h.alive_on(state_dir(cluster, target), "vm-ok")
-    assert "vm-ok" not in h.fake_instances(state_dir(cluster, source))
+    assert h.alive_on(state_dir(cluster, target), namespace, "vm-ok")
+    assert "vm-ok" not in h.fake_instances(state_dir(cluster, source), namespace)
     h.wait_instance_running(cluster, namespace, "vm-ok")
 
 
@@ -75,8 +75,8 @@ def test_injected_failure_leaves_vm_on_source(
         return conds.get("SourceFinalized") == "True" and conds.get("TargetFinalized") == "True"
 
     h.wait_for("both sides finalized", cleaned)
-    assert h.alive_on(state_dir(cluster, source), vm)
-    assert vm not in h.fake_instances(state_dir(cluster, target))
+    assert h.alive_on(state_dir(cluster, source), namespace, vm)
+    assert vm not in h.fake_instances(state_dir(cluster, target), namespace)
     vi = h.wait_instance_running(cluster, namespace, vm)
     assert vi["status"]["nodeName"] == source
 
@@ -89,15 +89,15 @@ def test_finalize_source_failure_still_succeeds(operator_cluster: Any, namespace
     body = h.PhaseWatch(cluster, namespace, name).until({"Succeeded", "Failed"})
     target = body["status"]["targetNode"]
     assert body["status"]["phase"] == "Succeeded"
-    assert h.alive_on(state_dir(cluster, target), "vm-fs")
-    assert not h.alive_on(state_dir(cluster, source), "vm-fs")
+    assert h.alive_on(state_dir(cluster, target), namespace, "vm-fs")
+    assert not h.alive_on(state_dir(cluster, source), namespace, "vm-fs")
 
 
 @pytest.mark.parametrize("how", ["delete", "annotate"])
 def test_abort_during_running(operator_cluster: Any, namespace: str, how: str) -> None:
     cluster = operator_cluster
     vm = f"vm-abort-{how}"
-    source, _ = placed(cluster, namespace, vm, params={"migration_duration_s": 30.0})
+    source, _ = placed(cluster, namespace, vm, params={"migration_duration_s": 30})
     name = h.create_migration(cluster, namespace, vm)
     watch = h.PhaseWatch(cluster, namespace, name)
     watch.until({"Running"})
@@ -122,12 +122,12 @@ def test_abort_during_running(operator_cluster: Any, namespace: str, how: str) -
     assert body["status"]["phase"] == "Aborted", body["status"]
     vi = h.wait_instance_running(cluster, namespace, vm)
     assert vi["status"]["nodeName"] == source
-    assert h.alive_on(state_dir(cluster, source), vm)
+    assert h.alive_on(state_dir(cluster, source), namespace, vm)
 
 
 def test_second_migration_for_same_instance_refused(operator_cluster: Any, namespace: str) -> None:
     cluster = operator_cluster
-    placed(cluster, namespace, "vm-two", params={"migration_duration_s": 6.0})
+    placed(cluster, namespace, "vm-two", params={"migration_duration_s": 6})
     first = h.create_migration(cluster, namespace, "vm-two")
     h.PhaseWatch(cluster, namespace, first).until(
         {"Scheduled", "Preparing", "TargetReady", "Running"}
@@ -148,7 +148,7 @@ def test_agent_killed_mid_migration_runs_once(
 ) -> None:
     cluster = operator_cluster
     vm = f"vm-kill-{victim}"
-    source, _ = placed(cluster, namespace, vm, params={"migration_duration_s": 6.0})
+    source, _ = placed(cluster, namespace, vm, params={"migration_duration_s": 6})
     target = other_node(cluster, source)
     name = h.create_migration(cluster, namespace, vm, targetNode=target)
     watch = h.PhaseWatch(cluster, namespace, name)
@@ -162,8 +162,8 @@ def test_agent_killed_mid_migration_runs_once(
     elsewhere = source if where == target else target
 
     def once() -> bool:
-        return h.alive_on(state_dir(cluster, where), vm) and not h.alive_on(
-            state_dir(cluster, elsewhere), vm
+        return h.alive_on(state_dir(cluster, where), namespace, vm) and not h.alive_on(
+            state_dir(cluster, elsewhere), namespace, vm
         )
 
     h.wait_for(f"{vm} alive on {where} only after {phase}", once)

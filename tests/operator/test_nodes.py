@@ -52,7 +52,7 @@ def test_heartbeat_loss_marks_unknown_and_never_starts_twice(
         )
         assert nhv
         for node in ("node-a", "node-b"):
-            assert "lonely" not in c.fake_instances(node)
+            assert "lonely" not in c.fake_instances(node, namespace)
         c.create_vi(namespace, "newcomer")
         placed = c.wait_phase(namespace, "newcomer", "Running")
         assert placed["status"]["nodeName"] != "node-c"
@@ -60,5 +60,5 @@ def test_heartbeat_loss_marks_unknown_and_never_starts_twice(
         agent.start()
     vi = c.wait_phase(namespace, "lonely", "Running", timeout=60)
     assert vi["status"]["nodeName"] == "node-c"
-    assert c.fake_instances("node-c")["lonely"] == "running"
+    assert c.fake_instances("node-c", namespace)["lonely"] == "running"
     wait_for(lambda: c.node_ready("node-c"), 30, "node-c Ready again")
