@@ -33,8 +33,8 @@ guest:
 	@bash tests/guest/build-guest.sh >/dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check kubehv tests
-	$(VENV)/bin/ruff format --check kubehv tests
+	$(VENV)/bin/ruff check kubehv tests bench
+	$(VENV)/bin/ruff format --check kubehv tests bench
 	$(VENV)/bin/lint-imports
 
 typecheck: venv
