@@ -34,6 +34,7 @@ class Phase(enum.StrEnum):
     STOPPING = "Stopping"
     STOPPED = "Stopped"
     MIGRATING = "Migrating"
+    EVICTED = "Evicted"  # stopped by a node drain (evictionPolicy Stop), waiting to be re-placed
     FAILED = "Failed"
     UNKNOWN = "Unknown"
 

@@ -122,6 +122,10 @@ class DrainController:
                 log.info("drain %s: created Migration for %s", node.name, inst.name)
             except migration_store.Conflict:
                 pass  # exists already
+            except Exception as exc:  # e.g. 403 in a terminating namespace: the others still count
+                log.warning(
+                    "drain %s: cannot create Migration for %s: %s", node.name, inst.name, exc
+                )
         for inst in to_replace:
             vi = await migration_store.call(self.store.get_instance, inst.namespace, inst.name)
             if vi is None or (vi.get("status") or {}).get("nodeName") != node.name:

@@ -149,6 +149,8 @@ def decide(view: View, observed: Observed, history: History, now: float, policy:
         return Action(Do.FINALIZE) if view.has_finalizer else Action(Do.NOTHING)
     if view.phase == "Migrating":
         return Action(Do.NOTHING)  # the migration protocol owns the instance meanwhile
+    if view.phase == "Evicted":
+        return Action(Do.NOTHING)  # stopped by a drain; the controller re-places it
     if not view.has_finalizer:
         return Action(Do.ADD_FINALIZER)
     if (

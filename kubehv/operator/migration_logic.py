@@ -609,11 +609,8 @@ def schedule(
         return Refused(f"VirtualInstance {migration.instance} does not exist")
     if instance.node_name is None:
         return Refused(f"VirtualInstance {instance.name} is not placed on any node")
-    if instance.phase not in ("Running", "Paused"):
-        return Refused(
-            f"VirtualInstance {instance.name} is {instance.phase or 'not running'}; only a "
-            "running instance can be migrated"
-        )
+    # One migration per instance: name the Migration already moving it before judging the
+    # instance's phase (it reads Migrating while that Migration runs).
     for other in others:
         if other.uid == migration.uid or other.instance != migration.instance:
             continue
@@ -623,6 +620,11 @@ def schedule(
             return Refused(
                 f"VirtualInstance {instance.name} already has an active Migration {other.name}"
             )
+    if instance.phase not in ("Running", "Paused"):
+        return Refused(
+            f"VirtualInstance {instance.name} is {instance.phase or 'not running'}; only a "
+            "running instance can be migrated"
+        )
     by_name = {n.name: n for n in nodes}
     source = by_name.get(instance.node_name)
     if source is None:

@@ -162,3 +162,37 @@ def fake_instances(state_dir: str | Path, namespace: str) -> dict[str, str]:
 
 def alive_on(state_dir: str | Path, namespace: str, name: str) -> bool:
     return fake_instances(state_dir, namespace).get(name) in ("running", "paused", "shutting-down")
+
+
+def history_until_deleted(
+    cluster: Any, namespace: str, name: str, since: str, timeout: float = 120.0
+) -> list[dict[str, Any]]:
+    """Every state of Migration ``name`` after resourceVersion ``since``, up to its deletion.
+
+    A watch replays each change in order (the last one is the DELETED event with the final
+    object), so a state that lasts only a moment, such as a phase written just before the
+    finalizer is released, is never missed the way polling can miss it.
+    """
+    api = custom(cluster)
+    seen: list[dict[str, Any]] = []
+    rv = since
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stream = kubernetes.watch.Watch().stream(
+            api.list_namespaced_custom_object,
+            G,
+            V,
+            namespace,
+            "migrations",
+            field_selector=f"metadata.name={name}",
+            resource_version=rv,
+            timeout_seconds=max(1, int(deadline - time.monotonic())),
+        )
+        for event in stream:
+            obj = event["object"]
+            rv = obj["metadata"]["resourceVersion"]
+            seen.append(obj)
+            if event["type"] == "DELETED":
+                return seen
+    phases = [(o.get("status") or {}).get("phase") for o in seen]
+    raise AssertionError(f"timed out waiting for Migration {name} to be deleted; seen {phases}")

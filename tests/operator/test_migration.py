@@ -103,12 +103,13 @@ def test_abort_during_running(operator_cluster: Any, namespace: str, how: str) -
     watch.until({"Running"})
     api = h.custom(cluster)
     if how == "delete":
+        # The finalizer keeps the deleted Migration until the abort is recorded, then lets it
+        # go at once: follow every state through a watch instead of polling for it.
+        since = watch.body["metadata"]["resourceVersion"]
         api.delete_namespaced_custom_object(h.G, h.V, namespace, "migrations", name)
-        body = watch.until({"Aborted", "Failed", "Succeeded"})
-        h.wait_for(
-            "the deleted Migration to go away",
-            lambda: h.get(cluster, namespace, "migrations", name) is None,
-        )
+        history = h.history_until_deleted(cluster, namespace, name, since)
+        body = history[-1]
+        assert h.get(cluster, namespace, "migrations", name) is None
     else:
         api.patch_namespaced_custom_object(
             h.G,

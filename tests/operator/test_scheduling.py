@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import pytest
@@ -60,43 +59,3 @@ def test_spread_and_memory_accounting(operator_cluster: OperatorCluster, namespa
     counts = {n: nodes.count(n) for n in c.nodes}
     assert max(counts.values()) - min(counts.values()) <= 2, counts
     assert len(set(nodes)) == 3
-
-
-def _writes(c: OperatorCluster) -> int:
-    total = 0
-    for line in c.control_plane.metrics_text().splitlines():
-        if (
-            line.startswith("apiserver_request_total{")
-            and 'resource="virtualinstances"' in line
-            and re.search(r'verb="(POST|PUT|PATCH)"', line)
-        ):
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
-
-
-def _quiet_writes(c: OperatorCluster) -> int:
-    """The write counter once other tests' leftovers (namespace deletions) stop writing."""
-    last = _writes(c)
-    for _ in range(30):
-        time.sleep(1.5)
-        now = _writes(c)
-        if now == last:
-            return now
-        last = now
-    return last
-
-
-def test_api_writes_per_instance(operator_cluster: OperatorCluster, namespace: str) -> None:
-    """Create to Running costs at most 3 writes per instance besides the create itself."""
-    c = operator_cluster
-    n = 5
-    before = _quiet_writes(c)
-    started = time.monotonic()
-    for i in range(n):
-        c.create_vi(namespace, f"w-{i}", memory=("64Mi", "64Mi"))
-    for i in range(n):
-        c.wait_vi(namespace, f"w-{i}", running)
-    print(f"apply -> Running for {n} instances (fake driver): {time.monotonic() - started:.2f}s")
-    per_instance = (_writes(c) - before - n) / n
-    print(f"API writes per instance from create to Running (create excluded): {per_instance}")
-    assert per_instance <= 3, per_instance

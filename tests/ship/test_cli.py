@@ -62,7 +62,11 @@ def nodes(admin: Any) -> Iterator[list[str]]:
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "NodeHypervisor",
                 "metadata": {"name": name},
-                "spec": {"hypervisor": "fake", "connectionURI": f"fake:///tmp/{name}"},
+                "spec": {
+                    "nodeName": name,
+                    "hypervisor": "fake",
+                    "connectionURI": f"fake:///tmp/{name}",
+                },
             },
         )
         admin.patch_cluster_custom_object_status(
@@ -143,7 +147,14 @@ def test_migrate_creates_a_migration(
     assert proc.returncode == 0, proc.stderr
     created = proc.stdout.split()[0].split("/")[1]
     mig = admin.get_namespaced_custom_object(GROUP, VERSION, user_namespace, "migrations", created)
-    assert mig["spec"] == {"instance": "vm", "targetNode": nodes[1], "mode": "non-live"}
+    # What the CLI sent, plus the server's schema defaults (nothing else).
+    assert mig["spec"] == {
+        "instance": "vm",
+        "targetNode": nodes[1],
+        "mode": "non-live",
+        "allowUnsafeVersionPair": False,
+        "completionTimeout": 600,
+    }
 
     missing = kubehv(kubehv_installed, "migrate", "nope", "-n", user_namespace)
     assert missing.returncode == 1

@@ -100,6 +100,8 @@ def test_agent_and_controller_metrics_move_after_real_work(
             with process(controller_argv, env, logs[1]), process(agent_argv, env, logs[0]):
                 body = example_instance("metered", user_namespace)
                 body["spec"]["hypervisor"] = "fake"
+                # Pinned: other test modules leave NodeHypervisors in this session's cluster.
+                body["spec"]["nodeName"] = node
                 admin.create_namespaced_custom_object(
                     GROUP, VERSION, user_namespace, "virtualinstances", body
                 )

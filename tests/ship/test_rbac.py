@@ -175,7 +175,11 @@ def test_agent_writes_only_its_own_nodehypervisor(
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "NodeHypervisor",
             "metadata": {"name": name},
-            "spec": {"hypervisor": "fake", "connectionURI": f"fake:///tmp/{name}"},
+            "spec": {
+                "nodeName": name,
+                "hypervisor": "fake",
+                "connectionURI": f"fake:///tmp/{name}",
+            },
         }
 
     def other_refused() -> bool:
