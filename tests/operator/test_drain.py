@@ -75,23 +75,26 @@ def test_plan_skips_busy_and_reports_failed() -> None:
 
 
 @pytest.mark.apiserver
-@pytest.mark.xfail(
-    run=False,
-    reason=(
-        "known open problem (issue 4, drain): an Evicted instance pinned to the draining node "
-        "has nowhere to go, and instances of earlier tests' terminating namespaces were seen "
-        "to stay on node-a for minutes, so Drained never turns True; not yet root-caused"
-    ),
-)
 def test_drain_moves_every_instance_per_policy(operator_cluster: Any, namespace: str) -> None:
+    """LiveMigrate and Migrate leave by Migration, Stop is stopped and started cold elsewhere;
+    a Stop instance *pinned* to the node waits (Pending, saying why) until the drain ends.
+
+    All four are pinned to the node to put them there; the three that may move are unpinned
+    once Running (a running instance stays where it is; the pin only steers placement).
+    """
     cluster = operator_cluster
     node = sorted(cluster.agents)[0]
-    names = {"dr-live": "LiveMigrate", "dr-cold": "Migrate", "dr-stop": "Stop"}
-    for name, policy in names.items():
+    movers = {"dr-live": "LiveMigrate", "dr-cold": "Migrate", "dr-stop": "Stop"}
+    pinned = "dr-pinned"
+    for name, policy in {**movers, pinned: "Stop"}.items():
         h.create_instance(cluster, namespace, name, policy=policy, pin=node)
-    for name in names:
+    for name in [*movers, pinned]:
         h.wait_instance_running(cluster, namespace, name)
     api = h.custom(cluster)
+    for name in movers:
+        api.patch_namespaced_custom_object(
+            h.G, h.V, namespace, "virtualinstances", name, {"spec": {"nodeName": None}}
+        )
     api.patch_cluster_custom_object(h.G, h.V, "nodehypervisors", node, {"spec": {"drain": True}})
     try:
 
@@ -100,15 +103,43 @@ def test_drain_moves_every_instance_per_policy(operator_cluster: Any, namespace:
             conds = {c["type"]: c for c in (nhv.get("status") or {}).get("conditions", [])}
             return conds.get("Drained", {}).get("status") == "True"
 
-        h.wait_for(f"node {node} Drained", drained, timeout=180)
-        for name in names:
+        h.wait_for(f"node {node} Drained", drained, timeout=120)
+        for name in movers:
             vi = h.wait_instance_running(cluster, namespace, name)
             assert vi["status"]["nodeName"] != node
             assert not h.alive_on(cluster.agents[node].state_dir, namespace, name)
         migs = api.list_namespaced_custom_object(h.G, h.V, namespace, "migrations")["items"]
         modes = {m["spec"]["instance"]: m["spec"].get("mode", "live") for m in migs}
         assert modes == {"dr-live": "live", "dr-cold": "non-live"}
+        assert all(m["status"]["phase"] == "Succeeded" for m in migs)
+        # dr-stop was stopped (Evicted) and started cold on another node: no Migration for it.
+        stop_conds = {
+            c["type"]: c
+            for c in h.get(cluster, namespace, "virtualinstances", "dr-stop")["status"][
+                "conditions"
+            ]
+        }
+        assert stop_conds["Evicted"]["reason"] == "NodeDrained"
+
+        waiting = h.get(cluster, namespace, "virtualinstances", pinned)
+        status = waiting["status"]
+        assert status["phase"] == "Pending" and not status.get("nodeName")
+        conds = {c["type"]: c for c in status["conditions"]}
+        assert conds["Evicted"]["status"] == "True"
+        assert conds["Scheduled"]["reason"] == "NoNodeFits"
+        assert f"{node}: draining" in conds["Scheduled"]["message"]
+        assert not h.alive_on(cluster.agents[node].state_dir, namespace, pinned)
     finally:
         api.patch_cluster_custom_object(
             h.G, h.V, "nodehypervisors", node, {"spec": {"drain": False}}
         )
+    # The drain is over: the pinned instance goes back to its node, and Drained is removed.
+    vi = h.wait_instance_running(cluster, namespace, pinned)
+    assert vi["status"]["nodeName"] == node
+    assert h.alive_on(cluster.agents[node].state_dir, namespace, pinned)
+
+    def condition_removed() -> bool:
+        nhv = api.get_cluster_custom_object(h.G, h.V, "nodehypervisors", node)
+        return all(c["type"] != "Drained" for c in (nhv.get("status") or {}).get("conditions", []))
+
+    h.wait_for("Drained condition removed", condition_removed, timeout=30)
