@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import time
 from collections.abc import Mapping
@@ -29,12 +30,15 @@ import kopf
 from kubehv.drivers import base, errors, values
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import migration_spec, migration_store
+from kubehv.operator import status as status_mod
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 STALL_TIMEOUT_S = 60.0
 RESYNC_INTERVAL_S = 5.0
+ORPHAN_MIGRATING_AFTER_S = 30.0
+"""An instance Migrating this long with no Migration owning it is given back (see resync)."""
 
 
 class AgentContext(Protocol):
@@ -123,6 +127,44 @@ class MigrationAgent:
                     await self.handle(item)
                 except Exception:
                     log.exception("migration step failed; will retry")
+        try:
+            await self._release_orphaned_instances()
+        except Exception:
+            log.exception("cannot check for instances left Migrating; will retry")
+
+    async def _release_orphaned_instances(self) -> None:
+        """Give back instances left in phase Migrating with no Migration owning them.
+
+        The protocol's own steps put the phase back, but a Migration force-deleted (its
+        finalizer stripped) or a write lost at the wrong moment would leave the instance
+        Migrating for ever, and the instance reconciler never touches a Migrating instance.
+        Instances are listed *before* Migrations, so a Migration that marked one is seen.
+        """
+        instances = await migration_store.call(
+            self.store.list_instances, f"status.nodeName={self.node}"
+        )
+        limit = ml.now() - datetime.timedelta(seconds=ORPHAN_MIGRATING_AFTER_S)
+        stuck = [vi for vi in instances if _migrating_since(vi, limit)]
+        if not stuck:
+            return
+        owners = [
+            ml.MigrationView.from_body(b)
+            for b in await migration_store.call(self.store.list_migrations)
+        ]
+        for vi in stuck:
+            meta = vi.get("metadata") or {}
+            namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+            if any(
+                m.namespace == namespace
+                and m.instance == name
+                and (m.occupies_instance or not m.terminal)
+                for m in owners
+            ):
+                continue
+            log.warning("%s/%s was left Migrating with no Migration; releasing it", namespace, name)
+            await self._set_instance_migrating(
+                namespace, name, False, "MigrationGone", "no Migration owns the instance any more"
+            )
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -140,11 +182,11 @@ class MigrationAgent:
         await self._write(view, ml.fail(view, reason, aborted=aborted))
 
     async def _set_instance_migrating(
-        self, view: ml.MigrationView, migrating: bool, reason: str, message: str
+        self, namespace: str, instance: str, migrating: bool, reason: str, message: str
     ) -> None:
         """Mark the VirtualInstance Migrating (phase + condition), or back to Running."""
         for _ in range(5):
-            vi = await migration_store.call(self.store.get_instance, view.namespace, view.instance)
+            vi = await migration_store.call(self.store.get_instance, namespace, instance)
             if vi is None:
                 return
             status = vi.get("status") or {}
@@ -157,7 +199,8 @@ class MigrationAgent:
             if migrating:
                 new["phase"] = "Migrating"
             elif status.get("phase") == "Migrating":
-                info = await migration_store.call(self.driver.get_instance_info, view.instance)
+                spec = migration_spec.instance_spec(vi)
+                info = await migration_store.call(self.driver.get_instance_info, spec.name)
                 new["phase"] = "Running" if info is not None and info.state.is_alive else "Failed"
             try:
                 await migration_store.call(self.store.patch_instance_status, vi, new)
@@ -207,7 +250,11 @@ class MigrationAgent:
             await self._fail(view, f"preparing on source node {self.node}: {exc.message}")
             return
         await self._set_instance_migrating(
-            view, True, "MigrationStarted", f"migrating to {view.target_node} ({view.name})"
+            view.namespace,
+            view.instance,
+            True,
+            "MigrationStarted",
+            f"migrating to {view.target_node} ({view.name})",
         )
         await self._write(
             view, ml.transition(view, ml.Phase.PREPARING, {"migrationInfo": blob}, conds)
@@ -385,7 +432,9 @@ class MigrationAgent:
     ) -> None:
         """Failure seen by the source: finalize(False) here, then one write: Failed + done."""
         await self._finalize_source_quietly(spec, view.live)
-        await self._set_instance_migrating(view, False, "MigrationFailed", reason)
+        await self._set_instance_migrating(
+            view.namespace, view.instance, False, "MigrationFailed", reason
+        )
         for _ in range(5):
             if view.terminal:
                 await self._write(
@@ -435,7 +484,11 @@ class MigrationAgent:
         _vi, spec = await self._instance(view)
         await self._finalize_source_quietly(spec, view.live)
         await self._set_instance_migrating(
-            view, False, f"Migration{view.phase}", view.failure_reason or str(view.phase)
+            view.namespace,
+            view.instance,
+            False,
+            f"Migration{view.phase}",
+            view.failure_reason or str(view.phase),
         )
         await self._write(
             view, ml.status_patch(view, conditions=[_done(ml.COND_SOURCE_FINALIZED, False)])
@@ -560,6 +613,16 @@ def register(registry: kopf.OperatorRegistry, ctx: AgentContext) -> None:
     async def stop_resync(**_: Any) -> None:
         for task in tasks:
             task.cancel()
+
+
+def _migrating_since(vi: Mapping[str, Any], limit: datetime.datetime) -> bool:
+    """True if ``vi`` is in phase Migrating and has been since before ``limit``."""
+    status = vi.get("status") or {}
+    if status.get("phase") != "Migrating":
+        return False
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Migrating"), None)
+    since = status_mod.parse_time((cond or {}).get("lastTransitionTime"))
+    return since is None or since < limit
 
 
 async def _resync_forever(agent: MigrationAgent) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kubehv.drivers import values
+from kubehv.operator import status as status_mod
 
 GROUP = "kubehv.io"
 VERSION = "v1alpha1"
@@ -92,18 +93,6 @@ class Step(enum.StrEnum):
 
 
 # --- reading a Migration ---------------------------------------------------------------------
-
-
-def _parse_time(value: Any) -> datetime.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.UTC)
-    return parsed
 
 
 def format_time(moment: datetime.datetime) -> str:
@@ -185,8 +174,8 @@ class MigrationView:
             source_node=status.get("sourceNode") or None,
             target_node=status.get("targetNode") or None,
             migration_info=str(status.get("migrationInfo") or ""),
-            start_time=_parse_time(status.get("startTime")),
-            creation_time=_parse_time(meta.get("creationTimestamp")),
+            start_time=status_mod.parse_time(status.get("startTime")),
+            creation_time=status_mod.parse_time(meta.get("creationTimestamp")),
             conditions=conds,
             deleting=bool(meta.get("deletionTimestamp")),
             abort_annotated=str(annotations.get(ABORT_ANNOTATION, "")).lower() == "true",

@@ -64,7 +64,7 @@ class NodeView:
             memory_total_mib=int(st.get("memoryTotal") or 0),
             memory_free_mib=int(st.get("memoryFree") or 0),
             memory_dom0_mib=int(st.get("memoryDom0") or 0),
-            last_heartbeat=parse_time(st.get("lastHeartbeat")),
+            last_heartbeat=status.parse_time(st.get("lastHeartbeat")),
         )
 
     def heartbeat_age_s(self, now: datetime.datetime) -> float | None:
@@ -175,13 +175,3 @@ def _unfit(request: Request, node: NodeView, assigned: Sequence[Assigned]) -> st
     if request.memory_min_mib > free:
         return f"needs {request.memory_min_mib} MiB, {free} MiB free"
     return ""
-
-
-def parse_time(value: Any) -> datetime.datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)

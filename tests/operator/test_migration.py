@@ -179,3 +179,38 @@ def test_agent_killed_mid_migration_runs_once(
     )
     assert vi
     print(f"killed {victim} agent while Running -> {phase}: {body['status'].get('failureReason')}")
+
+
+def test_instance_left_migrating_without_a_migration_is_released(
+    operator_cluster: Any, namespace: str
+) -> None:
+    """A VirtualInstance stuck in phase Migrating with no Migration owning it (what a
+    Migration force-deleted mid-flight leaves behind) goes back to Running on its node."""
+    cluster = operator_cluster
+    node, vi = placed(cluster, namespace, "vm-stuck")
+    stale = "2020-01-01T00:00:00Z"
+    conds = [c for c in vi["status"]["conditions"] if c["type"] != "Migrating"]
+    conds.append(
+        {
+            "type": "Migrating",
+            "status": "True",
+            "reason": "MigrationStarted",
+            "message": "migrating to nowhere (a Migration that no longer exists)",
+            "lastTransitionTime": stale,
+        }
+    )
+    h.custom(cluster).patch_namespaced_custom_object_status(
+        h.G, h.V, namespace, "virtualinstances", "vm-stuck",
+        {"status": {"phase": "Migrating", "conditions": conds}},
+    )  # fmt: skip
+
+    def released() -> dict[str, Any] | None:
+        got = h.get(cluster, namespace, "virtualinstances", "vm-stuck") or {}
+        status = got.get("status") or {}
+        mig = {c["type"]: c for c in status.get("conditions") or []}.get("Migrating", {})
+        ok = status.get("phase") == "Running" and mig.get("reason") == "MigrationGone"
+        return got if ok else None
+
+    got = h.wait_for("vm-stuck released from Migrating", released, timeout=60)
+    assert got["status"]["nodeName"] == node
+    assert h.alive_on(state_dir(cluster, node), namespace, "vm-stuck")
