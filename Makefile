@@ -19,7 +19,7 @@ apt:
 # The venv is rebuilt only when the lock file changes.
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: requirements.lock pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)
 	@$(PY) -m pip install -q --upgrade pip >/dev/null
 	@echo "kubehv: installing pinned Python dependencies into $(VENV)" >&2
 	@$(PY) -m pip install -q -r requirements.lock

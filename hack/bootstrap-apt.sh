@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages kubehv's tests and demo need (idempotent: skips when present).
 set -euo pipefail
+# python3-venv: Debian's python3 has no ensurepip without it (`python3 -m venv` fails);
+# gcc + python3-dev: libvirt-python ships only an sdist, built against libvirt-dev here.
 PKGS=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-      libvirt-dev pkg-config iproute2 busybox-static cpio gzip psmisc procps kmod)
+      libvirt-dev pkg-config gcc python3-dev python3-venv
+      iproute2 busybox-static cpio gzip psmisc procps kmod)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

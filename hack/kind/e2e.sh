@@ -50,9 +50,11 @@ for _ in $(seq 120); do
 done
 kubectl wait --for=condition=Ready nodehypervisors --all --timeout=120s
 
-echo "kind: running the operator tests against the cluster"
-# KUBEHV_USE_EXISTING_CLUSTER=1: the control_plane fixture uses $KUBECONFIG instead of
-# starting etcd + kube-apiserver, and the operator fixture uses the deployed agents and
-# controller instead of starting processes (envtest's USE_EXISTING_CLUSTER).
+echo "kind: running the portable end-to-end suite against the cluster"
+# KUBEHV_USE_EXISTING_CLUSTER=1: the control_plane fixture uses $KUBECONFIG instead of starting
+# etcd + kube-apiserver, and tests/e2e/test_portable.py uses the deployed controller and agents
+# (their Ready fake NodeHypervisors) instead of starting processes, as envtest's
+# USE_EXISTING_CLUSTER does. The same module runs locally in `make test`, and
+# tests/ship/test_existing_cluster.py runs it with this flag against a local cluster.
 KUBEHV_USE_EXISTING_CLUSTER=1 KUBEHV_REQUIRE_REAL=1 \
-  .venv/bin/pytest -m apiserver tests/operator tests/ship "$@"
+  .venv/bin/pytest tests/e2e/test_portable.py "$@"

@@ -152,6 +152,9 @@ class Migration(base.ApiModel):
 
     Phases: the controller writes Pending and Scheduled; the target agent writes Preparing and
     TargetReady; the source agent writes Running, Finalizing, Succeeded, Failed and Aborted.
+    Succeeded means the guest runs on the target and the source is cleaned up; right after,
+    the controller moves the VirtualInstance's status.nodeName and sets the condition
+    InstanceMoved=True (wait for that condition to read the new node).
     Abort by deleting the Migration or by annotating it kubehv.io/abort="true".
     """
 

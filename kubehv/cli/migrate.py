@@ -53,6 +53,12 @@ def progress_line(mig: dict[str, Any]) -> str:
     return f"[{bar}] {pct:3d}%  {phase:<11} -> {target}"
 
 
+def instance_moved(mig: dict[str, Any]) -> bool:
+    """The controller's InstanceMoved condition: the VirtualInstance's nodeName is the target."""
+    conds = kube.status_of(mig).get("conditions") or []
+    return any(c.get("type") == "InstanceMoved" and c.get("status") == "True" for c in conds)
+
+
 def follow(k: kube.Kube, name: str, namespace: str, timeout_s: int, out: TextIO) -> str:
     """Draw progress until a terminal phase; returns the phase ("" if it never ended)."""
     tty = out.isatty()
@@ -68,6 +74,8 @@ def follow(k: kube.Kube, name: str, namespace: str, timeout_s: int, out: TextIO)
             out.write(("\r" + line) if tty else (line + "\n"))
             out.flush()
             last = line
+        if phase == "Succeeded" and not instance_moved(mig):
+            continue  # the controller points the VirtualInstance at the target right after
         if phase in TERMINAL:
             if tty:
                 out.write("\n")

@@ -32,12 +32,10 @@ from types import TracebackType
 from typing import Any, Literal
 
 import yaml
-from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
 
-from kubehv.devenv import binaries, certs
+from kubehv.devenv import binaries, certs, kubeaccess
 
-KUBECTL = "/usr/bin/kubectl"
+KUBECTL = kubeaccess.KUBECTL
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 READY_TIMEOUT = 180.0  # generous: two cores shared with many concurrent test runs
 ADMIN_USER = "kubehv-admin"
@@ -47,11 +45,7 @@ class ControlPlaneError(RuntimeError):
     """The control plane failed to start or to answer; the message carries the log tail."""
 
 
-class KubectlError(subprocess.CalledProcessError):
-    """kubectl exited non-zero; str() includes its stderr (CalledProcessError's does not)."""
-
-    def __str__(self) -> str:
-        return f"{super().__str__()}\nstderr: {self.stderr}"
+KubectlError = kubeaccess.KubectlError
 
 
 def free_port() -> int:
@@ -134,7 +128,7 @@ class ManagedProcess:
         self.popen = None
 
 
-class ControlPlane:
+class ControlPlane(kubeaccess.KubeAccess):
     """etcd + kube-apiserver on loopback. Use as a context manager or call start()/stop().
 
     ``data_dir``: where certificates, etcd data, logs and the kubeconfig go. If None, a
@@ -465,38 +459,3 @@ class ControlPlane:
         }
         self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
         self.kubeconfig.chmod(0o600)
-
-    def env(self) -> dict[str, str]:
-        """A copy of os.environ with KUBECONFIG pointing at this control plane."""
-        env = dict(os.environ)
-        env["KUBECONFIG"] = str(self.kubeconfig)
-        return env
-
-    def kubectl(
-        self,
-        *args: str,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float = 120.0,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the real kubectl against this control plane; text output captured."""
-        argv = [KUBECTL, f"--kubeconfig={self.kubeconfig}", *args]
-        proc = subprocess.run(
-            argv,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env(),
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise KubectlError(proc.returncode, argv, proc.stdout, proc.stderr)
-        return proc
-
-    def api_client(self) -> k8s_client.ApiClient:
-        """A new ``kubernetes.client.ApiClient`` configured from the kubeconfig."""
-        api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=str(self.kubeconfig)
-        )
-        return api
