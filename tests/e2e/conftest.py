@@ -33,7 +33,7 @@ import pytest
 from kubehv.devenv import serial
 from kubehv.devenv.guest import GuestImage
 from kubehv.devenv.netns import LibvirtNode, NodeSet
-from tests.fixtures.operator import GROUP, NHV, VERSION, Proc, wait_for
+from tests.fixtures.operator import GROUP, NHV, VERSION, Proc, get_object, wait_for
 
 SERIAL_LOG_DIR = serial.DEFAULT_SERIAL_LOG_DIR
 
@@ -119,15 +119,7 @@ class KvmCluster:
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            body: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return body
+        return get_object(self.custom, namespace, plural, name)
 
     def domains(self, node: str, all_: bool = False) -> list[str]:
         """Domain names on ``node`` by ``virsh list`` (running only unless ``all_``)."""

@@ -25,7 +25,7 @@ import kubernetes
 import pytest
 
 from kubehv.devenv import kubeaccess
-from tests.fixtures.operator import GROUP, NHV, VERSION, VI, wait_for
+from tests.fixtures.operator import GROUP, NHV, VERSION, VI, fake_vi_body, get_object, wait_for
 
 pytestmark = pytest.mark.apiserver
 
@@ -49,15 +49,19 @@ class Target:
         self.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
 
     def get(self, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
-        try:
-            got: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return got
+        return get_object(self.custom, namespace, plural, name)
+
+    def migrate(self, namespace: str, instance: str, dest: str, **spec: Any) -> str:
+        """kubectl apply a Migration of ``instance`` to ``dest``; its name."""
+        name = f"mig-{uuid.uuid4().hex[:6]}"
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Migration",
+            "metadata": {"name": name},
+            "spec": {"instance": instance, "targetNode": dest, **spec},
+        }
+        self.apply(namespace, body)
+        return name
 
     def status(self, namespace: str, plural: str, name: str) -> dict[str, Any]:
         return dict((self.get(namespace, plural, name) or {}).get("status") or {})
@@ -108,24 +112,9 @@ def target(request: pytest.FixtureRequest, control_plane: Any) -> Iterator[Targe
         target.api.close()
 
 
-def vi_body(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "VirtualInstance",
-        "metadata": {"name": name},
-        "spec": {
-            "hypervisor": "fake",
-            "runState": "Running",
-            "memory": {"min": "256Mi", "max": "512Mi"},
-            "vcpus": 1,
-            **spec,
-        },
-    }
-
-
 def apply_ready(target: Target, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
     """kubectl apply a VirtualInstance and ``kubectl wait`` for its Ready condition."""
-    target.apply(namespace, vi_body(name, **spec))
+    target.apply(namespace, fake_vi_body(name, **spec))
     target.kubectl(
         "wait", "-n", namespace, "--for=condition=Ready", f"virtualinstances/{name}",
         "--timeout=120s", timeout=150,
@@ -165,16 +154,7 @@ def test_live_migration_moves_the_instance_with_progress(target: Target, namespa
         "nodeName"
     ]
     dest = next(n for n in target.nodes if n != source)
-    name = f"mig-{uuid.uuid4().hex[:6]}"
-    target.apply(
-        namespace,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Migration",
-            "metadata": {"name": name},
-            "spec": {"instance": "mover", "targetNode": dest, "mode": "live"},
-        },
-    )
+    name = target.migrate(namespace, "mover", dest, mode="live")
     progress: list[dict[str, Any]] = []
 
     def finished(status: dict[str, Any]) -> bool:
@@ -197,16 +177,7 @@ def test_failed_migration_leaves_the_instance_on_its_node(target: Target, namesp
     params = {"fail_migration_at": "migrate"}
     source = apply_ready(target, namespace, "stayer", hypervisorParameters=params)["nodeName"]
     dest = next(n for n in target.nodes if n != source)
-    name = f"mig-{uuid.uuid4().hex[:6]}"
-    target.apply(
-        namespace,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Migration",
-            "metadata": {"name": name},
-            "spec": {"instance": "stayer", "targetNode": dest},
-        },
-    )
+    name = target.migrate(namespace, "stayer", dest)
     status = target.wait_status(
         namespace, MIG, name, lambda s: s.get("phase") in ("Succeeded", "Failed"), "final phase"
     )
@@ -218,7 +189,7 @@ def test_failed_migration_leaves_the_instance_on_its_node(target: Target, namesp
 
 
 def test_bad_instance_is_rejected_with_a_reason(target: Target, namespace: str) -> None:
-    body = vi_body("bad", memory={"min": "1Gi", "max": "512Mi"})
+    body = fake_vi_body("bad", memory={"min": "1Gi", "max": "512Mi"})
     proc = target.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body), check=False)
     assert proc.returncode != 0
     assert "memory" in proc.stderr and "min" in proc.stderr, proc.stderr

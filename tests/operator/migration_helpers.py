@@ -15,6 +15,7 @@ from typing import Any
 import kubernetes
 
 from kubehv.operator import migration_logic as ml
+from tests.fixtures import operator as operator_fixtures
 
 G, V = ml.GROUP, ml.VERSION
 
@@ -71,15 +72,7 @@ def create_migration(
 
 
 def get(cluster: Any, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
-    try:
-        result: dict[str, Any] = custom(cluster).get_namespaced_custom_object(
-            G, V, namespace, plural, name
-        )
-    except kubernetes.client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return result
+    return operator_fixtures.get_object(custom(cluster), namespace, plural, name)
 
 
 def wait_for(
