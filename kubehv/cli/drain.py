@@ -3,8 +3,9 @@
 Why a merge patch of ``NodeHypervisor.spec.drain``: draining is the node administrator's
 operational request, not part of a user's GitOps-managed spec, and the NodeHypervisor is the
 admin's object; the controller turns it into Migrations (or stops, per evictionPolicy).
-``--undo`` sets it back (like ``kubectl uncordon``). ``--wait`` returns when no instance has
-``status.nodeName`` equal to the node any more.
+``--undo`` sets it back (like ``kubectl uncordon``). ``--wait`` follows the controller's
+``Drained`` condition on the NodeHypervisor (its message says what is left and which
+migrations failed) and returns when it is True and no instance names the node any more.
 """
 
 from __future__ import annotations
@@ -34,22 +35,19 @@ def run(args: argparse.Namespace) -> int:
             if not (drain and args.wait):
                 return 0
             deadline = time.monotonic() + args.timeout
-            last = -1
+            said = ""
             while True:
+                drained, message = drained_condition(k.get_nhv(args.node))
                 left = k.vis_on_node(args.node)
-                if not left:
+                if drained and not left:
                     print(f"node {args.node} is drained")
                     return 0
-                if len(left) != last:
-                    names = ", ".join(
-                        f"{v['metadata'].get('namespace')}/{v['metadata']['name']}"
-                        for v in left[:5]
-                    )
-                    more = f" and {len(left) - 5} more" if len(left) > 5 else ""
-                    print(f"{len(left)} instance(s) left on {args.node}: {names}{more}")
-                    last = len(left)
+                line = message or f"{len(left)} instance(s) left on {args.node}"
+                if line != said:
+                    print(line)
+                    said = line
                 if time.monotonic() > deadline:
-                    return kube.fail(f"timed out with {len(left)} instance(s) on {args.node}")
+                    return kube.fail(f"timed out: {line}")
                 time.sleep(1.0)
     except kube.ApiException as exc:
         if exc.status == 404:
@@ -58,3 +56,14 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nstill draining; undo with: kubehv drain --undo {args.node}")
         return 130
+
+
+def drained_condition(nhv: dict[str, object]) -> tuple[bool, str]:
+    """(Drained is True, its message) from a NodeHypervisor; (False, "") before the controller
+    has written it."""
+    status = nhv.get("status")
+    conds = status.get("conditions") if isinstance(status, dict) else None
+    for cond in conds if isinstance(conds, list) else []:
+        if isinstance(cond, dict) and cond.get("type") == "Drained":
+            return cond.get("status") == "True", str(cond.get("message") or "")
+    return False, ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import migration_helpers as h
@@ -74,6 +76,13 @@ def test_plan_skips_busy_and_reports_failed() -> None:
     assert drain.plan("a", [], []) == ([], [], "")
 
 
+def kubehv_cli(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubehv.cli", *args, "--kubeconfig", cluster.kubeconfig],
+        capture_output=True, text=True, timeout=200, check=False, env=cluster.env,
+    )  # fmt: skip
+
+
 @pytest.mark.apiserver
 def test_drain_moves_every_instance_per_policy(operator_cluster: Any, namespace: str) -> None:
     """LiveMigrate and Migrate leave by Migration, Stop is stopped and started cold elsewhere;
@@ -95,15 +104,16 @@ def test_drain_moves_every_instance_per_policy(operator_cluster: Any, namespace:
         api.patch_namespaced_custom_object(
             h.G, h.V, namespace, "virtualinstances", name, {"spec": {"nodeName": None}}
         )
-    api.patch_cluster_custom_object(h.G, h.V, "nodehypervisors", node, {"spec": {"drain": True}})
     try:
-
-        def drained() -> bool:
-            nhv = api.get_cluster_custom_object(h.G, h.V, "nodehypervisors", node)
-            conds = {c["type"]: c for c in (nhv.get("status") or {}).get("conditions", [])}
-            return conds.get("Drained", {}).get("status") == "True"
-
-        h.wait_for(f"node {node} Drained", drained, timeout=120)
+        # The way an administrator does it: `kubehv drain NODE --wait` (the CLI follows the
+        # controller's Drained condition).
+        proc = kubehv_cli(cluster, "drain", node, "--wait", "--timeout", "150")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"node {node} is drained" in proc.stdout
+        assert "left on" in proc.stdout, proc.stdout  # progress was shown while it drained
+        nhv = api.get_cluster_custom_object(h.G, h.V, "nodehypervisors", node)
+        conds = {c["type"]: c for c in (nhv.get("status") or {}).get("conditions", [])}
+        assert conds["Drained"]["status"] == "True"
         for name in movers:
             vi = h.wait_instance_running(cluster, namespace, name)
             assert vi["status"]["nodeName"] != node
@@ -130,9 +140,8 @@ def test_drain_moves_every_instance_per_policy(operator_cluster: Any, namespace:
         assert f"{node}: draining" in conds["Scheduled"]["message"]
         assert not h.alive_on(cluster.agents[node].state_dir, namespace, pinned)
     finally:
-        api.patch_cluster_custom_object(
-            h.G, h.V, "nodehypervisors", node, {"spec": {"drain": False}}
-        )
+        undo = kubehv_cli(cluster, "drain", "--undo", node)
+        assert undo.returncode == 0, undo.stdout + undo.stderr
     # The drain is over: the pinned instance goes back to its node, and Drained is removed.
     vi = h.wait_instance_running(cluster, namespace, pinned)
     assert vi["status"]["nodeName"] == node
