@@ -164,7 +164,7 @@ CASES: list[Case] = [
     ),
 ]
 
-MODELS: dict[str, type[pydantic.BaseModel]] = {
+MODELS: dict[str, type[api.VirtualInstance | api.Migration | api.NodeHypervisor]] = {
     "VirtualInstance": api.VirtualInstance,
     "Migration": api.Migration,
     "NodeHypervisor": api.NodeHypervisor,

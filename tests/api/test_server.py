@@ -12,9 +12,8 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import pydantic
 import pytest
 from kubernetes import client as k8s
 
@@ -24,7 +23,7 @@ from tests.api import manifests as m
 
 pytestmark = pytest.mark.apiserver
 
-MODELS: dict[str, type[pydantic.BaseModel]] = {
+MODELS: dict[str, type[api.VirtualInstance | api.Migration | api.NodeHypervisor]] = {
     "VirtualInstance": api.VirtualInstance,
     "Migration": api.Migration,
     "NodeHypervisor": api.NodeHypervisor,
@@ -67,8 +66,7 @@ def _patch_status(
         out = objects.patch_namespaced_custom_object_status(
             c.GROUP, c.VERSION, namespace, plural, name, body, field_manager="kubehv-agent"
         )
-    result: dict[str, Any] = out
-    return result
+    return cast(dict[str, Any], out)
 
 
 def test_crds_are_established(control_plane: Any, crds_installed: list[str]) -> None:
@@ -94,7 +92,7 @@ def test_every_example_applies_and_shows_no_drift(
         model = MODELS[doc["kind"]]
         # The server's defaults are the models' defaults: reading the live object or the
         # manifest gives the same spec, so an agent writing back causes no drift.
-        assert model.model_validate(live).spec == model.model_validate(doc).spec  # type: ignore[attr-defined]
+        assert model.model_validate(live).spec == model.model_validate(doc).spec
         # GitOps view: re-applying the same manifest changes nothing.
         diff = control_plane.kubectl("diff", "-n", namespace, "-f", "-", input=text, check=False)
         assert diff.returncode == 0, diff.stdout + diff.stderr
@@ -274,13 +272,19 @@ def test_field_selectors(
         if node:
             _patch_status(k8s_api, c.PLURAL_VI, name, namespace, {"nodeName": node})
     objects = k8s.CustomObjectsApi(k8s_api)
-    listed = objects.list_namespaced_custom_object(
-        c.GROUP, c.VERSION, namespace, c.PLURAL_VI, field_selector=f"{c.FIELD_VI_NODE}={x}"
+    listed = cast(
+        dict[str, Any],
+        objects.list_namespaced_custom_object(
+            c.GROUP, c.VERSION, namespace, c.PLURAL_VI, field_selector=f"{c.FIELD_VI_NODE}={x}"
+        ),
     )
     assert [item["metadata"]["name"] for item in listed["items"]] == ["on-x"]
     # The same across all namespaces, as an agent watches it.
-    everywhere = objects.list_cluster_custom_object(
-        c.GROUP, c.VERSION, c.PLURAL_VI, field_selector=f"{c.FIELD_VI_NODE}={y}"
+    everywhere = cast(
+        dict[str, Any],
+        objects.list_cluster_custom_object(
+            c.GROUP, c.VERSION, c.PLURAL_VI, field_selector=f"{c.FIELD_VI_NODE}={y}"
+        ),
     )
     assert [(i["metadata"]["namespace"], i["metadata"]["name"]) for i in everywhere["items"]] == [
         (namespace, "on-y")
@@ -300,8 +304,11 @@ def test_field_selectors(
         f"{c.FIELD_MIG_TARGET}=node-y",
         f"{c.FIELD_MIG_INSTANCE}=on-x",
     ):
-        got = objects.list_namespaced_custom_object(
-            c.GROUP, c.VERSION, namespace, c.PLURAL_MIG, field_selector=selector
+        got = cast(
+            dict[str, Any],
+            objects.list_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.PLURAL_MIG, field_selector=selector
+            ),
         )
         assert [i["metadata"]["name"] for i in got["items"]] == ["sel"], selector
     unknown = control_plane.kubectl(

@@ -57,7 +57,11 @@ def test_adapt_example_targets_this_node_driver_and_guest() -> None:
     assert fake["spec"]["hypervisor"] == "fake"
     assert fake["spec"]["boot"] == {"kernel": "/k"}
     assert vi["spec"]["nodeName"] == "node-a"  # the input is not modified
-    nhv = {"kind": "NodeHypervisor", "metadata": {"name": "node-a"}, "spec": {"nodeName": "x"}}
+    nhv: dict[str, Any] = {
+        "kind": "NodeHypervisor",
+        "metadata": {"name": "node-a"},
+        "spec": {"nodeName": "x"},
+    }
     nhv["spec"]["migrationAddress"] = "10.200.0.1"
     mine = demo.adapt_example(nhv, "kvm", "here", kvm, "qemu:///system")
     assert mine["metadata"]["name"] == "here"  # the node the demo's agent registered

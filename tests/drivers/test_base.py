@@ -7,8 +7,9 @@ and the registry are shared by every driver; a bug here is a bug in all of them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypedDict, Unpack
 
 import psutil
 import pytest
@@ -62,7 +63,22 @@ class MiniDriver(base.BaseHypervisor):
         )
 
 
-def spec(lo: int = 100, hi: int = 300, **fields: object) -> values.InstanceSpec:
+class SpecFields(TypedDict, total=False):
+    """The InstanceSpec fields a test may set through :func:`spec`."""
+
+    name: str
+    uid: str
+    memory_min_mib: int
+    memory_max_mib: int
+    vcpus: int
+    boot: values.KernelBoot | None
+    disks: tuple[values.Disk, ...]
+    nics: tuple[values.Nic, ...]
+    console: values.ConsoleSpec
+    params: Mapping[str, values.ParamValue]
+
+
+def spec(lo: int = 100, hi: int = 300, **fields: Unpack[SpecFields]) -> values.InstanceSpec:
     return dataclasses.replace(
         values.InstanceSpec(name="vm", uid="u", memory_min_mib=lo, memory_max_mib=hi), **fields
     )
@@ -216,7 +232,7 @@ def test_check_balloon_memory() -> None:
         ({"nics": (values.Nic(kind=values.NicKind.BRIDGE, source="br0;rm"),)}, "NIC source"),
     ],
 )
-def test_check_instance_spec_problems(fields: dict[str, object], fragment: str) -> None:
+def test_check_instance_spec_problems(fields: SpecFields, fragment: str) -> None:
     with pytest.raises(errors.InvalidInstanceSpec, match=fragment):
         base.check_instance_spec(spec(**fields))
 

@@ -253,7 +253,7 @@ def test_control_characters_are_refused_not_written() -> None:
 
 _XML_TEXT = st.text(
     alphabet=st.characters(
-        blacklist_categories=("Cs",), blacklist_characters="\r", min_codepoint=0x20
+        blacklist_categories=["Cs"], blacklist_characters="\r", min_codepoint=0x20
     ),
     max_size=200,
 )

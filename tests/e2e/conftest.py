@@ -20,14 +20,16 @@ namespace; the session fixtures destroy whatever domain is left on the nodes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes
+import pluggy
 import pytest
 
 from kubehv.devenv import serial
@@ -85,7 +87,9 @@ class KvmCluster:
         for agent in self.agents.values():
             agent.start()
         for name in self.nodes:
-            wait_for(lambda n=name: self.node_ready(n), timeout, f"NodeHypervisor {name} Ready")
+            wait_for(
+                functools.partial(self.node_ready, name), timeout, f"NodeHypervisor {name} Ready"
+            )
         return self
 
     def stop(self) -> None:
@@ -170,7 +174,9 @@ def e2e_namespace(kvm_cluster: KvmCluster) -> Iterator[str]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: Any
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed:

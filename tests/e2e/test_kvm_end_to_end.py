@@ -28,9 +28,11 @@ T = TypeVar("T")
 TERMINAL = ("Succeeded", "Failed", "Aborted")
 
 
-def wait(what: str, probe: Callable[[], T], timeout: float = 180.0, interval: float = 0.3) -> T:
+def wait(
+    what: str, probe: Callable[[], T | None], timeout: float = 180.0, interval: float = 0.3
+) -> T:
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while True:
         last = probe()
         if last:

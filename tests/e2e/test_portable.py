@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 import pytest
@@ -86,7 +86,8 @@ class Target:
 def _fake_nodes(control_plane: Any) -> list[str]:
     api = kubernetes.client.CustomObjectsApi(control_plane.api_client())
     nodes = []
-    for nhv in api.list_cluster_custom_object(GROUP, VERSION, NHV)["items"]:
+    listed = cast(dict[str, Any], api.list_cluster_custom_object(GROUP, VERSION, NHV))
+    for nhv in listed["items"]:
         conds = (nhv.get("status") or {}).get("conditions") or []
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
         if ready and (nhv.get("spec") or {}).get("hypervisor") == "fake":

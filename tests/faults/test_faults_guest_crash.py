@@ -80,14 +80,15 @@ def test_repeated_kills_end_in_a_bounded_crash_loop(
             _crash(c, node, vi)
             kills += 1
             before = rec["running_since"]
+
             # Wait for the agent's answer: a new boot, or giving up.
-            wait_for(
-                lambda before=before: (  # type: ignore[misc]
-                    (c.get_vi(namespace, "flappy") or {}).get("status", {}).get("phase") == "Failed"
-                    or (_record_or_empty(c, node, vi).get("running_since") or 0) > before
-                ),
-                90, "a restart or the crash loop verdict",
-            )  # fmt: skip
+            def answered(before: float = before) -> bool:
+                if (c.get_vi(namespace, "flappy") or {}).get("status", {}).get("phase") == "Failed":
+                    return True
+                since: float = _record_or_empty(c, node, vi).get("running_since") or 0
+                return since > before
+
+            wait_for(answered, 90, "a restart or the crash loop verdict")
         else:
             was = rec["status"]
             changed = lambda was=was: _record_or_empty(c, node, vi).get("status") != was  # noqa: E731

@@ -171,7 +171,8 @@ def history_until_deleted(
     rv = since
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        stream = kubernetes.watch.Watch().stream(
+        watch: Any = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+        stream = watch.stream(
             api.list_namespaced_custom_object,
             G,
             V,

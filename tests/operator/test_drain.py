@@ -13,7 +13,9 @@ from kubehv.operator import drain
 from kubehv.operator import migration_logic as ml
 
 
-def inst(name: str, node: str | None = "a", policy: str = "LiveMigrate", phase: str = "Running"):
+def inst(
+    name: str, node: str | None = "a", policy: str = "LiveMigrate", phase: str = "Running"
+) -> ml.InstanceView:
     return ml.InstanceView(
         name=name,
         namespace="ns",
@@ -123,15 +125,13 @@ def test_drain_moves_every_instance_per_policy(operator_cluster: Any, namespace:
         assert modes == {"dr-live": "live", "dr-cold": "non-live"}
         assert all(m["status"]["phase"] == "Succeeded" for m in migs)
         # dr-stop was stopped (Evicted) and started cold on another node: no Migration for it.
-        stop_conds = {
-            c["type"]: c
-            for c in h.get(cluster, namespace, "virtualinstances", "dr-stop")["status"][
-                "conditions"
-            ]
-        }
+        dr_stop = h.get(cluster, namespace, "virtualinstances", "dr-stop")
+        assert dr_stop is not None
+        stop_conds = {c["type"]: c for c in dr_stop["status"]["conditions"]}
         assert stop_conds["Evicted"]["reason"] == "NodeDrained"
 
         waiting = h.get(cluster, namespace, "virtualinstances", pinned)
+        assert waiting is not None
         status = waiting["status"]
         assert status["phase"] == "Pending" and not status.get("nodeName")
         conds = {c["type"]: c for c in status["conditions"]}

@@ -69,8 +69,8 @@ def test_run_states_reboot_and_balloon(operator_cluster: OperatorCluster, namesp
     c.patch_vi(namespace, "states", {"spec": {"runState": "Stopped"}})
     c.wait_phase(namespace, "states", "Stopped")
     assert "states" not in c.fake_instances(node, namespace)
-    vi = c.get_vi(namespace, "states")
-    assert vi is not None and vi["status"]["nodeName"] == node  # stays placed while stopped
+    got = c.get_vi(namespace, "states")
+    assert got is not None and got["status"]["nodeName"] == node  # stays placed while stopped
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Running"}})
     c.wait_vi(namespace, "states", running)

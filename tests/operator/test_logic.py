@@ -191,7 +191,7 @@ def test_placement_pin_selector_readiness_and_hypervisor() -> None:
 
 
 def test_heartbeat_marks_once() -> None:
-    nhv = {
+    nhv: dict[str, Any] = {
         "metadata": {"name": "a"},
         "status": {
             "lastHeartbeat": "2029-12-31T23:59:00Z",

@@ -28,7 +28,8 @@ def state_dir(cluster: Any, node: str) -> Any:
 
 
 def other_node(cluster: Any, node: str) -> str:
-    return sorted(n for n in cluster.agents if n != node)[0]
+    others: list[str] = sorted(n for n in cluster.agents if n != node)
+    return others[0]
 
 
 @pytest.mark.parametrize("mode", ["live", "non-live"])

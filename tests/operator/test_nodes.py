@@ -29,7 +29,8 @@ def test_orphans_listed_not_touched(operator_cluster: OperatorCluster) -> None:
     c = operator_cluster
     fake.add_foreign_instance(str(c.agents["node-a"].state_dir), "stranger")
     nhv = wait_for(
-        lambda: (n := c.nhv("node-a")) and "stranger" in n["status"].get("orphans", []) and n,
+        lambda: ((n := c.nhv("node-a")) and "stranger" in n["status"].get("orphans", []) and n)
+        or None,
         30, "orphan reported",
     )  # fmt: skip
     assert nhv["status"]["orphans"] == ["stranger"]

@@ -133,11 +133,13 @@ def impersonate(kubehv_installed: controlplane.ControlPlane) -> Iterator[Imperso
 
     def make(user: str, node: str | None = None) -> Any:
         api = kubehv_installed.api_client()
-        api.set_default_header("Impersonate-User", user)
+        api.set_default_header("Impersonate-User", user)  # type: ignore[no-untyped-call]
         # No Impersonate-Group: for a ServiceAccount user the API server adds its groups
         # (system:serviceaccounts[:<ns>], system:authenticated) itself, as for a real token.
         if node is not None:
-            api.set_default_header(f"Impersonate-Extra-{NODE_NAME_EXTRA.replace('/', '%2F')}", node)
+            api.set_default_header(  # type: ignore[no-untyped-call]
+                f"Impersonate-Extra-{NODE_NAME_EXTRA.replace('/', '%2F')}", node
+            )
         clients.append(api)
         return api
 

@@ -45,7 +45,7 @@ def admin(kubehv_installed: controlplane.ControlPlane) -> Iterator[Any]:
     try:
         yield custom(api)
     finally:
-        api.close()
+        api.close()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture

@@ -152,4 +152,4 @@ def test_agent_and_controller_metrics_move_after_real_work(
                 )
             with contextlib.suppress(Exception):
                 admin.delete_cluster_custom_object(GROUP, VERSION, "nodehypervisors", node)
-            api.close()
+            api.close()  # type: ignore[no-untyped-call]

@@ -44,7 +44,7 @@ def instance(kubehv_installed: controlplane.ControlPlane, user_namespace: str) -
         )
         yield "vm1"
     finally:
-        api.close()
+        api.close()  # type: ignore[no-untyped-call]
 
 
 def spec_change(vi: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +87,7 @@ def test_agent_cannot_patch_a_spec_but_can_patch_status_and_finalizers(
     with pytest.raises(ApiException) as info:
         agent.patch_namespaced_custom_object(GROUP, VERSION, ns, VI, name, spec_change(before))
     assert info.value.status == 403
+    assert info.value.body is not None
     assert "never the spec of a VirtualInstance" in info.value.body
     admin = custom(kubehv_installed.api_client())
     after = admin.get_namespaced_custom_object(GROUP, VERSION, ns, VI, name)
@@ -153,7 +154,8 @@ def test_secrets_agent_gets_one_controller_only_its_own(
     controller = k8s.CoreV1Api(impersonate(CONTROLLER))
 
     # Agent: get a named Secret (a console password the VI references), never list/watch.
-    assert agent.read_namespaced_secret("vnc", user_namespace).data["password"]
+    secret = agent.read_namespaced_secret("vnc", user_namespace)
+    assert secret.data is not None and secret.data["password"]
     forbidden(lambda: agent.list_namespaced_secret(user_namespace))
     forbidden(agent.list_secret_for_all_namespaces)
 
@@ -237,6 +239,7 @@ def test_controller_leader_election_lease(
         if exc.status != 409:
             raise
     got = coordination.read_namespaced_lease("kubehv-controller", "kubehv-system")
+    assert got.spec is not None
     got.spec.holder_identity = "ship-test-2"
     coordination.replace_namespaced_lease("kubehv-controller", "kubehv-system", got)
     forbidden(lambda: coordination.read_namespaced_lease("someone-else", "kubehv-system"))
