@@ -48,8 +48,9 @@ unit: venv
 	$(VENV)/bin/pytest -m "not real_libvirt and not apiserver and not e2e and not faults" $(PYTEST_ARGS)
 
 ## demo: a local control plane, the controller and one node agent, the examples applied
+# PATH gets the control-plane build dir last: its kubectl (built there when none is on PATH).
 demo: bootstrap
-	$(PY) -m kubehv.demo up
+	PATH="$$PATH:$$(bash hack/controlplane/build.sh)" $(PY) -m kubehv.demo up
 
 demo-down:
 	-$(PY) -m kubehv.demo down

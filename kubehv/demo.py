@@ -309,6 +309,10 @@ class Demo:
         else:
             print(out.stdout + out.stderr, flush=True)
         print(f"export KUBECONFIG={self.cp.kubeconfig}", flush=True)
+        kubectl = shutil.which("kubectl")
+        if kubectl and Path(kubectl).parent == binaries.cached_dir():
+            # No kubectl of the user's own: the one hack/controlplane/build.sh built.
+            print(f'export PATH="$PATH:{binaries.cached_dir()}"', flush=True)
         progress(
             f"running with the {self.driver} driver; Ctrl-C or `make demo-down` stops everything"
         )

@@ -5,7 +5,12 @@
 # Docker engine runs here. The Go module proxy does ship the sources, so a tiny throw-away Go
 # module that requires k8s.io/kubernetes (with replace lines for its staging modules) builds the
 # real binaries. Output: $KUBEHV_CACHE/controlplane/<key>/{kube-apiserver,etcd}; prints that dir.
+# kubectl of the same version is built there too when none is on PATH (Debian 12 ships none
+# recent: its kubernetes-client is 1.20); `make demo` appends that dir to PATH.
 # Honours KUBEBUILDER_ASSETS first: if it holds both binaries, nothing is built.
+# Go: k8s 1.32 needs Go >= 1.23; an older go (Debian 12's golang-go is 1.19) only fetches the
+# pinned toolchain from the Go module proxy (the module golang.org/toolchain, as `go` itself
+# does), cached in $KUBEHV_CACHE/go/.
 set -euo pipefail
 K8S_VERSION="${KUBEHV_K8S_VERSION:-v1.32.4}"
 ETCD_VERSION="${KUBEHV_ETCD_VERSION:-v3.5.17}"
@@ -15,7 +20,9 @@ OUT="$CACHE/controlplane/k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}"
 if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] && [ -x "$KUBEBUILDER_ASSETS/etcd" ]; then
   echo "$KUBEBUILDER_ASSETS"; exit 0
 fi
-if [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/etcd" ]; then echo "$OUT"; exit 0; fi
+have() { [ -x "$OUT/$1" ]; }
+want_kubectl() { ! command -v kubectl >/dev/null 2>&1 && ! have kubectl; }
+if have kube-apiserver && have etcd && ! want_kubectl; then echo "$OUT"; exit 0; fi
 
 GO="${GO:-$(command -v go || true)}"
 [ -n "$GO" ] || { [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go; }
@@ -27,10 +34,57 @@ if [ -z "$GO" ]; then
   GO=$(command -v go)
 fi
 export GOSUMDB=off GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
-mkdir -p "$OUT.tmp"
+
+GO_MIN="1.23"                                      # what k8s 1.32's go.mod asks for
+GO_PINNED="${KUBEHV_GO_TOOLCHAIN:-go1.23.12}"      # fetched only when the go found is older
+gover="$("$GO" env GOVERSION 2>/dev/null || true)"; gover="${gover#go}"
+if [ "$(printf '%s\n%s\n' "$GO_MIN" "${gover:-0}" | sort -V | head -1)" != "$GO_MIN" ]; then
+  TC="$CACHE/go/$GO_PINNED"
+  if [ ! -x "$TC/bin/go" ]; then
+    echo "kubehv: go ${gover:-?} is older than $GO_MIN; fetching $GO_PINNED from the Go module proxy" >&2
+    mod="golang.org/toolchain@v0.0.1-$GO_PINNED.$("$GO" env GOOS)-$("$GO" env GOARCH)"
+    dir="$(cd / && "$GO" mod download -json "$mod" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+    [ -x "$dir/bin/go" ] || [ -f "$dir/bin/go" ] || { echo "kubehv: $mod did not download" >&2; exit 1; }
+    rm -rf "$TC.tmp"; mkdir -p "$(dirname "$TC")"
+    cp -r "$dir" "$TC.tmp"; chmod -R u+w "$TC.tmp"
+    # Module zips carry no executable bits (the go command restores them the same way).
+    chmod +x "$TC.tmp"/bin/* "$TC.tmp"/pkg/tool/*/*
+    rm -rf "$TC"; mv "$TC.tmp" "$TC"
+  fi
+  GO="$TC/bin/go"
+fi
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
+# apiserver_module DIR: a module in DIR requiring k8s.io/kubernetes with its staging replaces.
+apiserver_module() {
+  mkdir -p "$1" && cd "$1"
+  local staging="v0.${K8S_VERSION#v1.}" modfile
+  "$GO" mod download -json "k8s.io/kubernetes@$K8S_VERSION" >/dev/null
+  modfile="$("$GO" env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
+  {
+    echo "module kubehv.local/apiserverbuild"; echo; echo "go 1.23"; echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"; echo
+    grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$modfile" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
+  } > go.mod
+  { echo '//go:build tools'; echo; echo 'package tools'; echo
+    for cmd in "${CMDS[@]}"; do echo "import _ \"k8s.io/kubernetes/cmd/$cmd\""; done; } > tools.go
+  "$GO" mod tidy >&2
+}
+MINOR="${K8S_VERSION#v1.}"; MINOR="${MINOR%%.*}"
+LDF="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$MINOR -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$MINOR"
+
+if have kube-apiserver && have etcd; then
+  # An earlier build made before kubectl was built here, and no kubectl on PATH: add it.
+  echo "kubehv: building kubectl $K8S_VERSION (one time, cached in $OUT)" >&2
+  CMDS=(kubectl); apiserver_module "$WORK/apiserver"
+  "$GO" build -trimpath -ldflags "$LDF" -o "$OUT/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl >&2
+  mv "$OUT/kubectl.tmp" "$OUT/kubectl"
+  echo "$OUT"; exit 0
+fi
+
+rm -rf "$OUT.tmp"; mkdir -p "$OUT.tmp"
 echo "kubehv: building etcd $ETCD_VERSION (one time, cached in $OUT)" >&2
 mkdir -p "$WORK/etcd" && cd "$WORK/etcd"
 cat > go.mod <<GOMOD
@@ -50,26 +104,9 @@ GOSRC
 "$GO" mod tidy >&2
 "$GO" build -trimpath -ldflags "-s -w" -o "$OUT.tmp/etcd" go.etcd.io/etcd/server/v3 >&2
 
-echo "kubehv: building kube-apiserver $K8S_VERSION (one time, ~10-20 min on 2 cores)" >&2
-mkdir -p "$WORK/apiserver" && cd "$WORK/apiserver"
-STAGING_VERSION="v0.${K8S_VERSION#v1.}"
-"$GO" mod download -json "k8s.io/kubernetes@$K8S_VERSION" >/dev/null
-MODFILE="$("$GO" env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
-{
-  echo "module kubehv.local/apiserverbuild"; echo; echo "go 1.23"; echo
-  echo "require k8s.io/kubernetes $K8S_VERSION"; echo
-  grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$MODFILE" | awk -v v="$STAGING_VERSION" '{print "replace " $1 " => " $1 " " v}'
-} > go.mod
-cat > tools.go <<'GOSRC'
-//go:build tools
-
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-GOSRC
-"$GO" mod tidy >&2
-MINOR="${K8S_VERSION#v1.}"; MINOR="${MINOR%%.*}"
-LDF="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$MINOR -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
-"$GO" build -trimpath -ldflags "$LDF" -o "$OUT.tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
+CMDS=(kube-apiserver); want_kubectl && CMDS+=(kubectl)
+echo "kubehv: building ${CMDS[*]} $K8S_VERSION (one time, ~10-20 min on 2 cores)" >&2
+apiserver_module "$WORK/apiserver"
+"$GO" build -trimpath -ldflags "$LDF" -o "$OUT.tmp/" "${CMDS[@]/#/k8s.io/kubernetes/cmd/}" >&2
 rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
 echo "$OUT"

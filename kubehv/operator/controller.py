@@ -250,13 +250,19 @@ def run(cfg: opsettings.ControllerSettings) -> int:
     opsettings.register_login(registry)
     register(registry, ctx)
     _register_others(registry, ctx)
+    keeper = None
     if cfg.webhook_port:
         webhook.register(registry)
+        keeper = webhook.cluster_keeper(api_client)
+        if keeper is not None:
+            webhook.serve_in_cluster(registry, keeper, cfg.webhook_port)
 
     @kopf.on.startup(registry=registry, id="controller-settings")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         opsettings.configure_controller_kopf(settings)
-        if cfg.webhook_port:
+        if cfg.webhook_port and keeper is None:
+            # Outside a cluster (tests, the demo): a loopback server and a configuration that
+            # kopf manages, with a throw-away self-signed certificate.
             certdir = tempfile.mkdtemp(prefix="kubehv-webhook-")
             certfile, keyfile, pem = webhook.self_signed(certdir, cfg.webhook_host)
             settings.admission.server = kopf.WebhookServer(

@@ -5,19 +5,29 @@ should be refused by ``kubectl apply`` with the driver's own message, not accept
 failed later on a node. :func:`problems` is the pure check (driver class lookup,
 ``check_instance_spec``, which includes ``check_parameter_syntax``); :func:`register` wires it
 into kopf (``kopf.on.validate``). Node-side checks (files present, KVM usable) stay in the
-agent: the webhook does no I/O. :func:`self_signed` makes a certificate for a webhook
-server on loopback (tests, the demo) with ``cryptography``.
+agent: the webhook does no I/O. Two ways to serve it: in a cluster (``KUBEHV_WEBHOOK_SECRET``
+set by the Deployment) :func:`serve_in_cluster` listens on every interface with the
+certificate :mod:`webhook_certs` keeps, for the configuration the manifests install (path
+``/virtualinstance``, the handler id); elsewhere :func:`self_signed` makes a throw-away
+certificate for a loopback server whose configuration kopf manages (tests, the demo).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
+import logging
 import os
+import tempfile
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import kopf
+import kubernetes
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,7 +35,9 @@ from cryptography.x509.oid import NameOID
 
 from kubehv.drivers import errors
 from kubehv.drivers import registry as driver_registry
-from kubehv.operator import k8s, translate
+from kubehv.operator import k8s, translate, webhook_certs
+
+log = logging.getLogger(__name__)
 
 
 def problems(vi: Mapping[str, Any]) -> str | None:
@@ -99,3 +111,65 @@ def self_signed(directory: str, host: str) -> tuple[str, str, bytes]:
             )
         )
     return certfile, keyfile, pem
+
+
+def cluster_keeper(api_client: Any) -> webhook_certs.Keeper | None:
+    """The certificate keeper when running in a cluster, with a usable pair already on disk.
+
+    Blocks (retrying every few seconds, saying why) until the Secret gives a certificate:
+    with cert-manager, it may not have issued one yet. None outside a cluster.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="kubehv-webhook-"))
+    settings = webhook_certs.CertSettings.from_env(os.environ, directory)
+    if settings is None:
+        return None
+    keeper = webhook_certs.Keeper(
+        settings,
+        kubernetes.client.CoreV1Api(api_client),
+        kubernetes.client.AdmissionregistrationV1Api(api_client),
+    )
+    while True:
+        try:
+            keeper.sync()
+            return keeper
+        except Exception as exc:
+            log.warning("no webhook certificate yet (%s); retrying", exc)
+            time.sleep(min(5.0, settings.check_interval_s))
+
+
+def serve_in_cluster(
+    registry: kopf.OperatorRegistry, keeper: webhook_certs.Keeper, port: int
+) -> None:
+    """kopf's web server on every interface with the kept certificate, re-checked on a timer
+    (kopf reloads the files when they change)."""
+    interval = keeper.settings.check_interval_s
+    tasks: list[asyncio.Task[None]] = []
+
+    async def renew_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(keeper.sync)
+            except Exception:
+                log.exception("webhook certificate check failed; will retry")
+
+    @kopf.on.startup(registry=registry, id="webhook-server")
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0",  # noqa: S104 - the Service reaches the pod on its own address
+            port=port,
+            certfile=str(keeper.certfile),
+            pkeyfile=str(keeper.keyfile),
+            file_check_interval=interval,
+        )
+
+    @kopf.on.startup(registry=registry, id="webhook-certificates")
+    async def start(**_: Any) -> None:
+        tasks.append(asyncio.create_task(renew_forever(), name="webhook-certificates"))
+
+    @kopf.on.cleanup(registry=registry, id="webhook-certificates-stop")
+    async def stop(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
