@@ -10,11 +10,13 @@ time (an asyncio lock) so two placements never count the same free memory.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import datetime
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -264,6 +266,7 @@ def run(cfg: opsettings.ControllerSettings) -> int:
             # Outside a cluster (tests, the demo): a loopback server and a configuration that
             # kopf manages, with a throw-away self-signed certificate.
             certdir = tempfile.mkdtemp(prefix="kubehv-webhook-")
+            atexit.register(shutil.rmtree, certdir, True)
             certfile, keyfile, pem = webhook.self_signed(certdir, cfg.webhook_host)
             settings.admission.server = kopf.WebhookServer(
                 addr=cfg.webhook_host,

@@ -15,11 +15,13 @@ certificate for a loopback server whose configuration kopf manages (tests, the d
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import datetime
 import ipaddress
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -120,6 +122,7 @@ def cluster_keeper(api_client: Any) -> webhook_certs.Keeper | None:
     with cert-manager, it may not have issued one yet. None outside a cluster.
     """
     directory = Path(tempfile.mkdtemp(prefix="kubehv-webhook-"))
+    atexit.register(shutil.rmtree, directory, True)
     settings = webhook_certs.CertSettings.from_env(os.environ, directory)
     if settings is None:
         return None

@@ -35,7 +35,15 @@ import pytest
 from kubehv.devenv import serial
 from kubehv.devenv.guest import GuestImage
 from kubehv.devenv.netns import LibvirtNode, NodeSet
-from tests.fixtures.operator import GROUP, NHV, VERSION, Proc, get_object, wait_for
+from tests.fixtures.operator import (
+    GROUP,
+    NHV,
+    VERSION,
+    Proc,
+    get_object,
+    remove_unless_failed,
+    wait_for,
+)
 
 SERIAL_LOG_DIR = serial.DEFAULT_SERIAL_LOG_DIR
 
@@ -153,14 +161,17 @@ def kvm_cluster(request: pytest.FixtureRequest) -> Iterator[KvmCluster]:
     nodes = request.getfixturevalue("libvirt_nodes")
     workdir = Path(tempfile.mkdtemp(prefix="kubehv-e2e-"))
     cluster = KvmCluster(control_plane, nodes, image, workdir)
+    failed = True
     try:
         cluster.start()
         yield cluster
+        failed = False
     except BaseException:
         print(cluster.logs())
         raise
     finally:
         cluster.stop()
+        remove_unless_failed(workdir, failed)
 
 
 @pytest.fixture(scope="module")
