@@ -42,7 +42,7 @@ typecheck: venv
 
 ## test: every test, with the real parts (libvirtd, QEMU, kube-apiserver + etcd) started by the tests
 test: bootstrap lint typecheck
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	PATH="$$PATH:$$(bash hack/controlplane/build.sh)" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: venv
 	$(VENV)/bin/pytest -m "not real_libvirt and not apiserver and not e2e and not faults" $(PYTEST_ARGS)
@@ -53,11 +53,11 @@ demo: bootstrap
 	PATH="$$PATH:$$(bash hack/controlplane/build.sh)" $(PY) -m kubehv.demo up
 
 demo-down:
-	-$(PY) -m kubehv.demo down
+	-PATH="$$PATH:$$(bash hack/controlplane/build.sh)" $(PY) -m kubehv.demo down
 
 ## bench: speed and memory figures against the physical floor -> bench/results.json
 bench: bootstrap
-	$(PY) -m bench.run
+	PATH="$$PATH:$$(bash hack/controlplane/build.sh)" $(PY) -m bench.run
 
 crds: venv
 	$(PY) -m kubehv.cli crds --output-dir crds

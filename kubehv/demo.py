@@ -275,24 +275,59 @@ class Demo:
         ]
 
     def wait_ready(self, instances: list[tuple[str, str]]) -> None:
+        """Wait for each instance's Ready condition; stop at once, saying why, if one fails."""
         for ns, name in instances:
             progress(f"waiting for VirtualInstance {ns}/{name} to be Ready ({self.driver})")
-            proc = self.cp.kubectl(
-                "wait",
-                "--for=condition=Ready",
-                f"virtualinstance/{name}",
-                "-n",
-                ns,
-                f"--timeout={int(self.wait_timeout)}s",
-                check=False,
-                timeout=self.wait_timeout + 30,
-            )
-            if proc.returncode != 0:
-                self.check_children()
-                raise DemoError(
-                    f"{ns}/{name} not Ready within {self.wait_timeout:.0f}s: "
-                    f"{proc.stderr.strip()}; see the logs in {DEMO_DIR / 'logs'}"
+            deadline = time.monotonic() + self.wait_timeout
+            said = ""
+            while True:
+                status = self._vi_status(ns, name)
+                conds = {c.get("type"): c for c in status.get("conditions") or []}
+                if (conds.get("Ready") or {}).get("status") == "True":
+                    break
+                phase = str(status.get("phase") or "Pending")
+                why = "; ".join(
+                    f"{t}: {c.get('message')}"
+                    for t, c in conds.items()
+                    if c.get("status") != "True" and c.get("message")
                 )
+                if phase == "Failed":
+                    raise DemoError(
+                        f"{ns}/{name} failed: {why or 'no reason given'}; see the logs in "
+                        f"{DEMO_DIR / 'logs'}"
+                    )
+                line = f"{ns}/{name}: {phase}" + (f" ({why})" if why else "")
+                if line != said and phase != "Pending":
+                    progress(line)
+                    said = line
+                self.check_children()
+                if time.monotonic() > deadline:
+                    raise DemoError(
+                        f"{ns}/{name} not Ready within {self.wait_timeout:.0f}s ({line}); "
+                        f"see the logs in {DEMO_DIR / 'logs'}"
+                    )
+                time.sleep(0.5)
+        self._wait_node_counts(len(instances))
+
+    def _vi_status(self, ns: str, name: str) -> dict[str, Any]:
+        proc = self.cp.kubectl("get", "virtualinstance", name, "-n", ns, "-o", "json", check=False)
+        if proc.returncode != 0:
+            return {}
+        status: dict[str, Any] = json.loads(proc.stdout).get("status") or {}
+        return status
+
+    def _wait_node_counts(self, expected: int, timeout: float = 15.0) -> None:
+        """Let the node's next heartbeat count the new instances, so the table agrees."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.cp.kubectl("get", "nhv", "-o", "json", check=False)
+            if proc.returncode != 0:
+                return  # nothing to agree with
+            items = json.loads(proc.stdout).get("items") or []
+            total = sum(int((i.get("status") or {}).get("instanceCount") or 0) for i in items)
+            if total >= expected:
+                return
+            time.sleep(0.5)
 
     def check_children(self) -> None:
         dead = [n for n, p in self.procs.items() if not p.alive()]

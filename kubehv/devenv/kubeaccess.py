@@ -20,8 +20,22 @@ import yaml
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
+from kubehv.devenv import binaries
+
 USE_EXISTING_ENV = "KUBEHV_USE_EXISTING_CLUSTER"
-KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+
+
+def _kubectl() -> str:
+    """kubectl on PATH, else the one hack/controlplane/build.sh builds next to the API server
+    (Debian 12 ships no recent kubectl)."""
+    found = shutil.which("kubectl")
+    if found:
+        return found
+    built = binaries.cached_dir() / "kubectl"
+    return str(built) if os.access(built, os.X_OK) else "kubectl"
+
+
+KUBECTL = _kubectl()
 
 
 class KubectlError(subprocess.CalledProcessError):

@@ -232,6 +232,44 @@ def test_up_reaches_ready_and_down_stops_everything(
             up.wait(timeout=60)
 
 
+_AGENT_FAILING = """
+import json, subprocess, sys, time
+failed = json.dumps({"status": {"phase": "Failed", "conditions": [{"type": "Ready",
+    "status": "False", "reason": "StartFailed", "message": "qemu: cannot open /dev/kvm"}]}})
+while True:
+    out = subprocess.run(["kubectl", "get", "vi", "-A", "-o", "json"],
+                         capture_output=True, text=True).stdout
+    for it in json.loads(out or '{"items": []}')["items"]:
+        m = it["metadata"]
+        subprocess.run(["kubectl", "patch", "vi", m["name"], "-n", m["namespace"],
+                        "--subresource=status", "--type=merge", "-p", failed],
+                       capture_output=True)
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.apiserver
+def test_up_stops_at_once_with_the_reason_when_an_instance_fails(
+    control_plane: controlplane.ControlPlane, tmp_path: Path
+) -> None:
+    (tmp_path / "crds").mkdir()
+    (tmp_path / "crds" / "vi.yaml").write_text(_CRDS)
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "vi.yaml").write_text(_EXAMPLES)
+    (tmp_path / "agent.py").write_text(_AGENT_FAILING)
+    (tmp_path / "runner.py").write_text(_RUNNER)
+    runner = [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)]
+    # The default wait is minutes: failing within this test's timeout means it did not wait.
+    up = subprocess.run(
+        [*runner, "up", "--driver", "fake"], capture_output=True, text=True, timeout=120,
+        cwd=demo.REPO_ROOT, check=False,
+    )  # fmt: skip
+    out = up.stdout + up.stderr
+    assert up.returncode != 0, out
+    assert "default/tiny failed: Ready: qemu: cannot open /dev/kvm" in out, out
+    assert not (tmp_path / ".demo" / "state.json").exists(), "a failed up must stop everything"
+
+
 _REAL_RUNNER = """
 import sys
 from pathlib import Path

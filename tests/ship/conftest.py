@@ -21,7 +21,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from kubehv.devenv import controlplane
+from kubehv.devenv import controlplane, kubeaccess
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
@@ -43,7 +43,7 @@ REAL_KINDS = {
 
 def kustomize(path: Path | str) -> str:
     proc = subprocess.run(
-        ["/usr/bin/kubectl", "kustomize", str(path)],
+        [kubeaccess.KUBECTL, "kustomize", str(path)],
         capture_output=True,
         text=True,
         check=False,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from kubehv.devenv import controlplane
+from kubehv.devenv import controlplane, kubeaccess
 from tests.ship.conftest import GROUP, VERSION, custom, example_instance
 
 pytestmark = pytest.mark.apiserver
@@ -33,7 +33,7 @@ def kubehv(
 ) -> subprocess.CompletedProcess[str]:
     env = cp.env()
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    argv = ["/usr/bin/kubectl", "kubehv", *args] if plugin else [str(VENV_BIN / "kubehv"), *args]
+    argv = [kubeaccess.KUBECTL, "kubehv", *args] if plugin else [str(VENV_BIN / "kubehv"), *args]
     return subprocess.run(
         argv, capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
