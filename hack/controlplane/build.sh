@@ -105,7 +105,7 @@ GOSRC
 "$GO" build -trimpath -ldflags "-s -w" -o "$OUT.tmp/etcd" go.etcd.io/etcd/server/v3 >&2
 
 CMDS=(kube-apiserver); want_kubectl && CMDS+=(kubectl)
-echo "kubehv: building ${CMDS[*]} $K8S_VERSION (one time, ~10-20 min on 2 cores)" >&2
+echo "kubehv: building ${CMDS[*]} $K8S_VERSION (one time, about 3-5 min on 2 cores)" >&2
 apiserver_module "$WORK/apiserver"
 "$GO" build -trimpath -ldflags "$LDF" -o "$OUT.tmp/" "${CMDS[@]/#/k8s.io/kubernetes/cmd/}" >&2
 rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
