@@ -24,8 +24,8 @@ How to plug a driver in (a test module per driver / per backend)::
         )
 
     @pytest.mark.real_libvirt  # whatever markers the backend needs
-    class TestMyDriverContract(contract.DriverContract):
-        pass
+    class TestMyDriverContract(contract_migration.MigrationContract):  # with a peer
+        pass                 # (contract.DriverContract alone when there is no second node)
 
 ``make_spec(name, **overrides)`` must return a spec the driver can really start (the real
 libvirt one boots the test guest); overrides are InstanceSpec fields, and an override
@@ -36,10 +36,8 @@ against a shared hypervisor.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -111,29 +109,6 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
 def is_alive(driver: base.BaseHypervisor, name: str) -> bool:
     info = driver.get_instance_info(name)
     return info is not None and info.state.is_alive
-
-
-class _Migration(threading.Thread):
-    """migrate_instance in a thread, as the operator runs it, keeping its outcome."""
-
-    def __init__(
-        self,
-        driver: base.BaseHypervisor,
-        spec: values.InstanceSpec,
-        target: values.MigrationTarget,
-        live: bool,
-        options: values.MigrationOptions | None,
-    ) -> None:
-        super().__init__(daemon=True)
-        self.args = (driver, spec, target, live, options)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        driver, spec, target, live, options = self.args
-        try:
-            driver.migrate_instance(spec, target, live, options)
-        except BaseException as exc:
-            self.error = exc
 
 
 class DriverContract:
@@ -411,97 +386,6 @@ class DriverContract:
         with pytest.raises(errors.InvalidInstanceSpec):
             env.driver.start_instance(spec)
         assert spec.name not in env.driver.list_instances()
-
-    # --- migration (only with a peer) ----------------------------------------------------
-
-    def peer(self, env: ContractEnv) -> Peer:
-        if env.peer is None:
-            pytest.skip("no peer node for migration in this environment")
-        if not self.caps(env).can_migrate:
-            pytest.skip("driver cannot migrate (capabilities)")
-        return env.peer
-
-    @pytest.mark.parametrize("live", [True, False], ids=["live", "non-live"])
-    def test_migration_in_ganeti_order(self, env: ContractEnv, live: bool) -> None:
-        peer = self.peer(env)
-        caps = self.caps(env)
-        if not (caps.live_migration if live else caps.non_live_migration):
-            pytest.skip(f"driver cannot do {'live' if live else 'non-live'} migration")
-        spec = self.start(env, "mig", **env.slow_migration)
-        info = env.driver.migration_info(spec)
-        peer.driver.accept_instance(spec, info, peer.target.address)
-        mover = _Migration(env.driver, spec, peer.target, live, env.slow_migration_options)
-        mover.start()
-        seen: list[values.MigrationStatus] = []
-        while mover.is_alive():
-            # MigrationError: e.g. the job is not visible yet, or already gone
-            with contextlib.suppress(errors.MigrationError):
-                seen.append(env.driver.get_migration_status(spec))
-            time.sleep(0.02)
-        mover.join()
-        assert mover.error is None, f"migrate_instance failed: {mover.error!r}"
-        peer.driver.finalize_migration_dst(spec, info, True)
-        env.driver.finalize_migration_source(spec, True, live)
-        assert spec.name in peer.driver.list_instances()
-        assert is_alive(peer.driver, spec.name)
-        assert spec.name not in env.driver.list_instances()
-        assert not is_alive(env.driver, spec.name)
-        if caps.migration_progress:
-            active = [s for s in seen if s.state is values.MigrationState.ACTIVE]
-            assert active, f"no active migration status observed (saw {seen})"
-            assert all(s.memory_total_bytes > 0 for s in active)
-            assert all(
-                s.state in (values.MigrationState.ACTIVE, values.MigrationState.COMPLETED)
-                for s in seen
-            )
-
-    def test_failed_migration_leaves_instance_on_source(self, env: ContractEnv) -> None:
-        peer = self.peer(env)
-        if env.unreachable_target is None:
-            pytest.skip("no unreachable target in this environment")
-        live = self.caps(env).live_migration
-        spec = self.start(env, "migfail")
-        info = env.driver.migration_info(spec)
-        peer.driver.accept_instance(spec, info, peer.target.address)
-        with pytest.raises(errors.MigrationError):
-            env.driver.migrate_instance(spec, env.unreachable_target, live)
-        peer.driver.finalize_migration_dst(spec, info, False)
-        env.driver.finalize_migration_source(spec, False, live)
-        assert _state(env.driver, spec.name) is values.InstanceState.RUNNING
-        assert spec.name in env.driver.list_instances()
-        assert spec.name not in peer.driver.list_instances()
-
-    def test_abort_migration_keeps_instance_on_source(self, env: ContractEnv) -> None:
-        peer = self.peer(env)
-        caps = self.caps(env)
-        if not caps.migration_abort:
-            pytest.skip("driver cannot abort migrations (capability migration_abort)")
-        live = caps.live_migration
-        spec = self.start(env, "migabort", **env.slow_migration)
-        info = env.driver.migration_info(spec)
-        peer.driver.accept_instance(spec, info, peer.target.address)
-        mover = _Migration(env.driver, spec, peer.target, live, env.slow_migration_options)
-        mover.start()
-
-        def transferring() -> bool:
-            try:
-                status = env.driver.get_migration_status(spec)
-            except errors.MigrationError:
-                return False
-            return status.state is values.MigrationState.ACTIVE and (
-                not caps.migration_progress or status.memory_processed_bytes > 0
-            )
-
-        wait_for(transferring, env.settle_timeout_s, "the migration to be under way")
-        env.driver.abort_migration(spec)
-        mover.join(env.settle_timeout_s)
-        assert not mover.is_alive(), "migrate_instance did not return after abort"
-        assert isinstance(mover.error, errors.MigrationError), mover.error
-        peer.driver.finalize_migration_dst(spec, info, False)
-        env.driver.finalize_migration_source(spec, False, live)
-        assert _state(env.driver, spec.name) is values.InstanceState.RUNNING
-        assert spec.name in env.driver.list_instances()
-        assert spec.name not in peer.driver.list_instances()
 
 
 def _state(driver: base.BaseHypervisor, name: str) -> values.InstanceState | None:

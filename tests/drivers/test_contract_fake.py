@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kubehv.drivers import fake, values
-from tests.drivers import contract
+from tests.drivers import contract, contract_migration
 
 
 def fake_node(path: Path, name: str, **params: values.ParamValue) -> fake.FakeHypervisor:
@@ -51,5 +51,5 @@ def contract_env(tmp_path: Path) -> Iterator[contract.ContractEnv]:
     )
 
 
-class TestFakeContract(contract.DriverContract):
+class TestFakeContract(contract_migration.MigrationContract):
     pass

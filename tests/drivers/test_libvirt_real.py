@@ -28,7 +28,7 @@ import pytest
 from kubehv.devenv import serial
 from kubehv.drivers import errors, values
 from kubehv.drivers.libvirt.driver import LibvirtHypervisor
-from tests.drivers import contract
+from tests.drivers import contract, contract_migration
 
 pytestmark = pytest.mark.real_libvirt
 
@@ -156,7 +156,7 @@ def contract_env(
     )
 
 
-class TestContractOnRealLibvirt(contract.DriverContract):
+class TestContractOnRealLibvirt(contract_migration.MigrationContract):
     pass
 
 

@@ -3,9 +3,9 @@
 Why: it runs the shared driver contract and the kvm driver's own rules (tagging, foreign
 domains, refusing to touch what kubehv did not create, balloon bounds, parameter node checks)
 through the real libvirt client library, in milliseconds, on every machine. The test driver
-has no real guest and cannot migrate, so the contract's migration tests skip here because
-``peer`` is None -- a design fact of ``test:///``, not a missing real part; the real daemon
-runs them in test_libvirt_real.py.
+has no real guest and no second node, so this suite is ``contract.DriverContract`` without
+the migration part (tests/drivers/contract_migration.py): nothing is collected that cannot
+run; the real daemon runs the migration tests in test_libvirt_real.py.
 """
 
 from __future__ import annotations
