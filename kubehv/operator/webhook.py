@@ -18,7 +18,6 @@ import asyncio
 import atexit
 import contextlib
 import datetime
-import ipaddress
 import logging
 import os
 import shutil
@@ -30,10 +29,6 @@ from typing import Any
 
 import kopf
 import kubernetes
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from kubehv.drivers import errors
 from kubehv.drivers import registry as driver_registry
@@ -77,42 +72,17 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
 
 def self_signed(directory: str, host: str) -> tuple[str, str, bytes]:
-    """(certfile, keyfile, cert PEM) for ``host`` (an IP or a DNS name), valid a year."""
+    """(certfile, keyfile, CA PEM) for a loopback server on ``host`` (an IP or a DNS name):
+    a throw-away CA and a certificate for ``host`` signed by it (webhook_certs' rules)."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    try:
-        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        san = x509.DNSName(host)
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
+    ca, ca_key = webhook_certs.make_ca(now, days=365)
+    cert, key = webhook_certs.make_serving(ca, ca_key, (host,), now, days=365)
     certfile = os.path.join(directory, "webhook.crt")
     keyfile = os.path.join(directory, "webhook.key")
-    with open(certfile, "wb") as fh:
-        fh.write(pem)
-    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return certfile, keyfile, pem
+    webhook_certs.write_private(Path(certfile), cert)
+    webhook_certs.write_private(Path(keyfile), key)
+    return certfile, keyfile, ca
 
 
 def cluster_keeper(api_client: Any) -> webhook_certs.Keeper | None:

@@ -288,8 +288,8 @@ class Keeper:
         ):
             return False
         # Key first, then certificate: kopf reloads when either changes and reads both.
-        _atomic_write(self.keyfile, key)
-        _atomic_write(self.certfile, cert)
+        write_private(self.keyfile, key)
+        write_private(self.certfile, cert)
         return True
 
     def _ensure_ca_bundle(self, ca: bytes) -> None:
@@ -313,7 +313,8 @@ class Keeper:
                     raise
 
 
-def _atomic_write(path: Path, content: bytes) -> None:
+def write_private(path: Path, content: bytes) -> None:
+    """Write ``content`` readable by the owner only, replacing ``path`` atomically."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:

@@ -145,20 +145,27 @@ kind: Migration
 metadata: {name: move-tiny}
 spec: {instance: tiny}
 """
-_AGENT = """
+
+
+def _stand_in_agent(status: dict[str, Any]) -> str:
+    """A script that writes ``status`` onto every VirtualInstance, as an agent would."""
+    return f"""
 import json, subprocess, sys, time
 print("agent stand-in", sys.argv, flush=True)
-ready = json.dumps({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+patch = json.dumps({{"status": {json.dumps(status)}}})
 while True:
     out = subprocess.run(["kubectl", "get", "vi", "-A", "-o", "json"],
                          capture_output=True, text=True).stdout
-    for it in json.loads(out or '{"items": []}')["items"]:
+    for it in json.loads(out or '{{"items": []}}')["items"]:
         m = it["metadata"]
         subprocess.run(["kubectl", "patch", "vi", m["name"], "-n", m["namespace"],
-                        "--subresource=status", "--type=merge", "-p", ready],
+                        "--subresource=status", "--type=merge", "-p", patch],
                        capture_output=True)
     time.sleep(0.5)
 """
+
+
+_AGENT = _stand_in_agent({"conditions": [{"type": "Ready", "status": "True"}]})
 _RUNNER = """
 import sys
 from pathlib import Path
@@ -173,17 +180,22 @@ sys.exit(demo.main(sys.argv[2:]))
 """
 
 
-@pytest.mark.apiserver
-def test_up_reaches_ready_and_down_stops_everything(
-    control_plane: controlplane.ControlPlane, tmp_path: Path
-) -> None:
+def _demo_tree(tmp_path: Path, agent: str) -> list[str]:
+    """CRDs, examples, a stand-in agent and the runner in ``tmp_path``; the runner's argv."""
     (tmp_path / "crds").mkdir()
     (tmp_path / "crds" / "vi.yaml").write_text(_CRDS)
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "vi.yaml").write_text(_EXAMPLES)
-    (tmp_path / "agent.py").write_text(_AGENT)
+    (tmp_path / "agent.py").write_text(agent)
     (tmp_path / "runner.py").write_text(_RUNNER)
-    runner = [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)]
+    return [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)]
+
+
+@pytest.mark.apiserver
+def test_up_reaches_ready_and_down_stops_everything(
+    control_plane: controlplane.ControlPlane, tmp_path: Path
+) -> None:
+    runner = _demo_tree(tmp_path, _AGENT)
     up = subprocess.Popen(
         [*runner, "up", "--driver", "fake"],
         stdout=subprocess.PIPE,
@@ -232,33 +244,22 @@ def test_up_reaches_ready_and_down_stops_everything(
             up.wait(timeout=60)
 
 
-_AGENT_FAILING = """
-import json, subprocess, sys, time
-failed = json.dumps({"status": {"phase": "Failed", "conditions": [{"type": "Ready",
-    "status": "False", "reason": "StartFailed", "message": "qemu: cannot open /dev/kvm"}]}})
-while True:
-    out = subprocess.run(["kubectl", "get", "vi", "-A", "-o", "json"],
-                         capture_output=True, text=True).stdout
-    for it in json.loads(out or '{"items": []}')["items"]:
-        m = it["metadata"]
-        subprocess.run(["kubectl", "patch", "vi", m["name"], "-n", m["namespace"],
-                        "--subresource=status", "--type=merge", "-p", failed],
-                       capture_output=True)
-    time.sleep(0.5)
-"""
+_AGENT_FAILING = _stand_in_agent(
+    {
+        "phase": "Failed",
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "StartFailed",
+             "message": "qemu: cannot open /dev/kvm"}
+        ],
+    }
+)  # fmt: skip
 
 
 @pytest.mark.apiserver
 def test_up_stops_at_once_with_the_reason_when_an_instance_fails(
     control_plane: controlplane.ControlPlane, tmp_path: Path
 ) -> None:
-    (tmp_path / "crds").mkdir()
-    (tmp_path / "crds" / "vi.yaml").write_text(_CRDS)
-    (tmp_path / "examples").mkdir()
-    (tmp_path / "examples" / "vi.yaml").write_text(_EXAMPLES)
-    (tmp_path / "agent.py").write_text(_AGENT_FAILING)
-    (tmp_path / "runner.py").write_text(_RUNNER)
-    runner = [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)]
+    runner = _demo_tree(tmp_path, _AGENT_FAILING)
     # The default wait is minutes: failing within this test's timeout means it did not wait.
     up = subprocess.run(
         [*runner, "up", "--driver", "fake"], capture_output=True, text=True, timeout=120,
