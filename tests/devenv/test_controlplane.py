@@ -143,8 +143,11 @@ def test_startup_failure_reports_the_log_tail(tmp_path: Any) -> None:
     assert leftovers == []
 
 
+# The child resets SIGINT to Python's default: a runner that starts jobs with SIGINT ignored
+# (a background job of a non-interactive shell) must not change what Ctrl-C is tested as.
 _CHILD = """
-import json, sys, time
+import json, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from kubehv.devenv import controlplane
 cp = controlplane.ControlPlane().start()
 print(json.dumps({"pids": cp.pids(), "dir": str(cp.dir)}), flush=True)
