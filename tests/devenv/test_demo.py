@@ -180,6 +180,17 @@ sys.exit(demo.main(sys.argv[2:]))
 """
 
 
+def _lines_until_export(up: subprocess.Popen[str]) -> list[str]:
+    """``demo up``'s output up to and including its ``export KUBECONFIG=`` line."""
+    assert up.stdout is not None
+    seen: list[str] = []
+    for line in up.stdout:
+        seen.append(line)
+        if line.startswith("export KUBECONFIG="):
+            break
+    return seen
+
+
 def _demo_tree(tmp_path: Path, agent: str) -> list[str]:
     """CRDs, examples, a stand-in agent and the runner in ``tmp_path``; the runner's argv."""
     (tmp_path / "crds").mkdir()
@@ -203,13 +214,8 @@ def test_up_reaches_ready_and_down_stops_everything(
         text=True,
         cwd=demo.REPO_ROOT,
     )
-    seen: list[str] = []
     try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            seen.append(line)
-            if line.startswith("export KUBECONFIG="):
-                break
+        seen = _lines_until_export(up)
         text = "".join(seen)
         kubeconfig = tmp_path / ".demo" / "controlplane" / "kubeconfig"
         assert f"export KUBECONFIG={kubeconfig}" in text, text
@@ -305,13 +311,8 @@ def test_up_with_the_real_operator_reaches_ready_and_down_leaves_nothing(
     up = subprocess.Popen(
         [*runner, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    seen: list[str] = []
     try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            seen.append(line)
-            if line.startswith("export KUBECONFIG="):
-                break
+        seen = _lines_until_export(up)
         text = "".join(seen)
         kubeconfig = tmp_path / ".demo" / "controlplane" / "kubeconfig"
         assert f"export KUBECONFIG={kubeconfig}" in text, text

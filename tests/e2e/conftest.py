@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import sys
 import tempfile
 import uuid
@@ -35,6 +36,7 @@ import pytest
 from kubehv.devenv import serial
 from kubehv.devenv.guest import GuestImage
 from kubehv.devenv.netns import LibvirtNode, NodeSet
+from tests.fixtures.kube import fresh_namespace
 from tests.fixtures.operator import (
     GROUP,
     NHV,
@@ -88,6 +90,30 @@ class KvmCluster:
             "--lease-name", f"kubehv-e2e-{uuid.uuid4().hex[:6]}",
         ]  # fmt: skip
         self.controller = Proc("controller", ctl, workdir / "controller.log", env)
+
+    def guest_manifest(self, namespace: str, name: str) -> str:
+        """A kvm VirtualInstance booting the test guest (JSON for ``kubectl apply -f -``)."""
+        image = self.image
+        return json.dumps(
+            {
+                "apiVersion": "kubehv.io/v1alpha1",
+                "kind": "VirtualInstance",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "hypervisor": "kvm",
+                    "runState": "Running",
+                    "memory": {"min": "64Mi", "max": "128Mi"},
+                    "vcpus": 1,
+                    "boot": {
+                        "kernel": str(image.kernel),
+                        "initrd": str(image.initrd),
+                        "cmdline": image.cmdline,
+                    },
+                    # Nested KVM hangs on these machines (runtime-facts.md): emulate.
+                    "hypervisorParameters": {"accelerator": "tcg"},
+                },
+            }
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> KvmCluster:
@@ -176,12 +202,8 @@ def kvm_cluster(request: pytest.FixtureRequest) -> Iterator[KvmCluster]:
 
 @pytest.fixture(scope="module")
 def e2e_namespace(kvm_cluster: KvmCluster) -> Iterator[str]:
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    kvm_cluster.kubectl("create", "namespace", name)
-    try:
+    with fresh_namespace(kvm_cluster.control_plane, f"e2e-{uuid.uuid4().hex[:6]}") as name:
         yield name
-    finally:
-        kvm_cluster.control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

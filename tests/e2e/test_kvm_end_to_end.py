@@ -47,30 +47,6 @@ def dom(namespace: str) -> str:
     return f"{namespace}.{VM}"
 
 
-def vi_manifest(name: str, namespace: str, cluster: KvmCluster) -> str:
-    image = cluster.image
-    return json.dumps(
-        {
-            "apiVersion": "kubehv.io/v1alpha1",
-            "kind": "VirtualInstance",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "hypervisor": "kvm",
-                "runState": "Running",
-                "memory": {"min": "64Mi", "max": "128Mi"},
-                "vcpus": 1,
-                "boot": {
-                    "kernel": str(image.kernel),
-                    "initrd": str(image.initrd),
-                    "cmdline": image.cmdline,
-                },
-                # Nested KVM hangs on these machines (runtime-facts.md): emulate.
-                "hypervisorParameters": {"accelerator": "tcg"},
-            },
-        }
-    )
-
-
 def migration_manifest(name: str, namespace: str, target: str) -> str:
     return json.dumps(
         {
@@ -103,7 +79,7 @@ def test_apply_boots_a_real_guest(
     kvm_cluster: KvmCluster, e2e_namespace: str, state: dict[str, Any]
 ) -> None:
     cluster, ns = kvm_cluster, e2e_namespace
-    cluster.kubectl("apply", "-f", "-", stdin=vi_manifest(VM, ns, cluster))
+    cluster.kubectl("apply", "-f", "-", stdin=cluster.guest_manifest(ns, VM))
     started = time.monotonic()
     cluster.kubectl(
         "wait", "--for=condition=Ready", f"virtualinstance/{VM}", "-n", ns, "--timeout=180s"

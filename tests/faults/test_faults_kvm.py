@@ -31,6 +31,7 @@ import pytest
 
 from kubehv.devenv import serial
 from tests.e2e.conftest import KvmCluster, kvm_cluster  # noqa: F401  (fixture)
+from tests.fixtures.kube import fresh_namespace
 from tests.fixtures.operator import condition, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.real_libvirt, pytest.mark.apiserver]
@@ -40,42 +41,15 @@ BOOT_TIMEOUT = 180.0
 
 @pytest.fixture
 def namespace(kvm_cluster: KvmCluster) -> Iterator[str]:  # noqa: F811
-    name = f"fkvm-{uuid.uuid4().hex[:6]}"
-    kvm_cluster.kubectl("create", "namespace", name)
-    try:
+    with fresh_namespace(kvm_cluster.control_plane, f"fkvm-{uuid.uuid4().hex[:6]}") as name:
         yield name
-    finally:
-        kvm_cluster.control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def _manifest(cluster: KvmCluster, namespace: str, name: str) -> str:
-    image = cluster.image
-    return json.dumps(
-        {
-            "apiVersion": "kubehv.io/v1alpha1",
-            "kind": "VirtualInstance",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "hypervisor": "kvm",
-                "runState": "Running",
-                "memory": {"min": "64Mi", "max": "128Mi"},
-                "vcpus": 1,
-                "boot": {
-                    "kernel": str(image.kernel),
-                    "initrd": str(image.initrd),
-                    "cmdline": image.cmdline,
-                },
-                "hypervisorParameters": {"accelerator": "tcg"},
-            },
-        }
-    )
 
 
 @contextlib.contextmanager
 def running_guest(cluster: KvmCluster, namespace: str, name: str) -> Iterator[dict[str, Any]]:
     """Apply a kvm VI, wait until Ready and booted; delete it and check no domain is left."""
     domain = f"{namespace}.{name}"
-    cluster.kubectl("apply", "-f", "-", stdin=_manifest(cluster, namespace, name))
+    cluster.kubectl("apply", "-f", "-", stdin=cluster.guest_manifest(namespace, name))
     try:
         cluster.kubectl(
             "wait", "--for=condition=Ready", f"virtualinstance/{name}", "-n", namespace,
