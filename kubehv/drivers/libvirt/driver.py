@@ -68,9 +68,10 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
         self.settings = hvparams.node_settings(config.params)
         hvparams.set_allowed_dirs(self.settings.allowed_dirs)
         self.conn = connection.Connection(config.uri)
-        # Names whose migrateToURI3 call runs in this process: only to tell "not started
-        # yet" from "no job"; every outcome is read from libvirt (see ``outcome``).
+        # Hints that only label what libvirt shows (see ``outcome.source_status``): names
+        # whose migrateToURI3 runs in this object, and names this object asked to abort.
         self._starting: set[str] = set()
+        self._aborted: set[str] = set()
         self._lock = threading.Lock()
 
     @property

@@ -26,7 +26,7 @@ import threading
 import libvirt
 
 from kubehv.drivers import errors, values
-from kubehv.drivers.libvirt import connection, outcome
+from kubehv.drivers.libvirt import connection
 
 INFO_VERSION = 1
 
@@ -95,7 +95,7 @@ def migrate(
     """Run the migration; blocks until done. Raises MigrationError / MigrationAborted.
 
     The job runs in the source libvirtd (peer to peer): if this thread or its process goes
-    away, libvirtd carries on, and the outcome is read with :func:`outcome.status`.
+    away, libvirtd carries on; the outcome is read by :mod:`kubehv.drivers.libvirt.outcome`.
     """
     if not target.uri:
         raise errors.MigrationError(
@@ -118,9 +118,7 @@ def migrate(
         if connection.is_connection_error(exc):
             raise
         text = connection.error_text(exc)
-        aborted = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED or (
-            outcome.last_job(dom) is values.MigrationState.CANCELLED
-        )
+        aborted = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED
         cls = errors.MigrationAborted if aborted else errors.MigrationError
         raise cls(
             f"migration of {dom.name()!r} to {target.node} ({target.uri}) "
@@ -140,8 +138,12 @@ def abort(dom: libvirt.virDomain) -> None:
     except libvirt.libvirtError as exc:
         if connection.is_connection_error(exc):
             raise
-        if exc.get_error_code() in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
-            return  # no job to abort (or the domain left): the status tells what happened
+        if exc.get_error_code() in (
+            libvirt.VIR_ERR_OPERATION_INVALID,  # no job (finished, failed, never began)
+            libvirt.VIR_ERR_NO_DOMAIN,  # the domain left (migrated away)
+            libvirt.VIR_ERR_NO_SUPPORT,  # a driver without jobs (test:///) has none to abort
+        ):
+            return  # get_migration_status tells what happened
         raise errors.MigrationError(
             f"cannot abort the migration of {dom.name()!r}: {connection.error_text(exc)}"
         ) from exc

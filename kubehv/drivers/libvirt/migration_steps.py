@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import TYPE_CHECKING
 
 import libvirt
 
@@ -25,24 +26,22 @@ class MigrationSteps:
     config: values.DriverConfig
     conn: connection.Connection
     _starting: set[str]
+    _aborted: set[str]
     _lock: threading.Lock
 
-    def _lookup(self, name: str) -> libvirt.virDomain | None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by LibvirtHypervisor (and BaseHypervisor)
 
-    def _own(self, name: str) -> libvirt.virDomain:
-        raise NotImplementedError
+        def _lookup(self, name: str) -> libvirt.virDomain | None: ...
 
-    @staticmethod
-    def _tag(dom: libvirt.virDomain) -> domxml.Tag | None:
-        raise NotImplementedError
+        def _own(self, name: str) -> libvirt.virDomain: ...
 
-    @classmethod
-    def check_instance_spec(cls, instance: values.InstanceSpec) -> None:
-        raise NotImplementedError
+        @staticmethod
+        def _tag(dom: libvirt.virDomain) -> domxml.Tag | None: ...
 
-    def get_node_info(self) -> values.NodeInfo:
-        raise NotImplementedError
+        @classmethod
+        def check_instance_spec(cls, instance: values.InstanceSpec) -> None: ...
+
+        def get_node_info(self) -> values.NodeInfo: ...
 
     def migration_info(self, instance: values.InstanceSpec) -> str:
         with self.conn.translated(f"prepare the migration of {instance.name}"):
@@ -85,6 +84,7 @@ class MigrationSteps:
             uuid = self._own(instance.name).UUIDString()
             with self._lock:
                 self._starting.add(instance.name)
+                self._aborted.discard(instance.name)
             try:
                 with self.conn.dedicated() as private:
                     migration.migrate(
@@ -106,7 +106,10 @@ class MigrationSteps:
             if dom is not None and self._tag(dom) is None:
                 dom = None  # not ours (or it left while we looked)
             status = outcome.source_status(
-                dom, starting=instance.name in self._starting, name=instance.name
+                dom,
+                starting=instance.name in self._starting,
+                aborted=instance.name in self._aborted,
+                name=instance.name,
             )
         if status is not None:
             return status
@@ -118,6 +121,8 @@ class MigrationSteps:
         with self.conn.translated(f"abort the migration of {instance.name}"):
             dom = self._lookup(instance.name)
             if dom is not None:
+                with self._lock:
+                    self._aborted.add(instance.name)
                 migration.abort(dom)
 
     def finalize_migration_dst(

@@ -9,12 +9,17 @@ half-arrived one (safe to destroy) or the only one (never destroy):
 * source, job running: ``jobStats()`` has a bounded/unbounded job -> ACTIVE, with figures;
 * source, domain gone (transient domains vanish when they migrate away) or shut off with
   reason *migrated* -> COMPLETED; given the target, confirmed by looking there;
-* source, domain runs and no job: the last job's completed statistics
-  (``VIR_DOMAIN_JOB_STATS_COMPLETED``, kept with ``KEEP_COMPLETED``) say failed or
-  cancelled, with libvirt's error message -> FAILED / CANCELLED;
-* target: an incoming copy is paused (reason *migration*) under a running incoming job;
-  once the job completes libvirt resumes it (or leaves it paused if the source was paused,
-  and records the completed incoming job) -- from then on it is the only copy.
+* source, domain runs and no job -> FAILED (CANCELLED when this driver object asked for
+  the abort: libvirt 9.0 keeps no statistics of a failed or cancelled job, so a fresh
+  object cannot tell the two apart, only that the instance still runs here);
+* target, measured on libvirt 9.0: an incoming copy is paused with reason *starting up*,
+  then *migration*, and its job statistics are refused ("operation unsupported"). At the
+  end libvirt resumes it (running, reason *migrated*) or, when the source was paused,
+  leaves it paused (reason *user*) with a completed incoming job in its statistics -- from
+  then on it is the only copy. Only a copy in the incoming states may be destroyed.
+
+Measured as well: killing the process that called ``migrateToURI3`` does not stop the job;
+libvirtd finishes it (tests/drivers/test_libvirt_real.py prints how long it took).
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ _ENDED_JOBS = {
     libvirt.VIR_DOMAIN_JOB_CANCELLED: values.MigrationState.CANCELLED,
 }
 _OUT = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
-_IN = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN
 
 
 def _stats(dom: libvirt.virDomain, flags: int) -> dict[str, Any]:
@@ -57,14 +61,6 @@ def _completed(dom: libvirt.virDomain) -> dict[str, Any]:
     return _stats(dom, flags)
 
 
-def last_job(dom: libvirt.virDomain, operation: int = _OUT) -> values.MigrationState | None:
-    """How the domain's last finished migration job of ``operation`` ended, if libvirt knows."""
-    stats = _completed(dom)
-    if stats.get("operation") != operation:
-        return None
-    return _ENDED_JOBS.get(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE))
-
-
 def _active_status(dom: libvirt.virDomain, stats: dict[str, Any]) -> values.MigrationStatus:
     total = int(stats.get("memory_total", 0))
     remaining = int(stats.get("memory_remaining", 0))
@@ -81,13 +77,14 @@ def _active_status(dom: libvirt.virDomain, stats: dict[str, Any]) -> values.Migr
 
 
 def source_status(
-    dom: libvirt.virDomain | None, *, starting: bool, name: str
+    dom: libvirt.virDomain | None, *, starting: bool, name: str, aborted: bool = False
 ) -> values.MigrationStatus | None:
     """The migration as the source's libvirtd shows it; None when the domain has left.
 
-    ``starting``: this process called ``migrateToURI3`` and it has not returned, so a
-    domain without a job yet is about to get one (the only in-memory fact used, and only
-    to say "not started yet" instead of "no job").
+    Two in-memory hints only label what libvirt shows, never replace it: ``starting`` (this
+    process called ``migrateToURI3``, which has not returned: a domain without a job yet is
+    about to get one) and ``aborted`` (this process asked for an abort: a domain that still
+    runs with no job was cancelled rather than failed).
     """
     if dom is None:
         return None
@@ -109,32 +106,25 @@ def source_status(
         return _active_status(dom, stats)
     completed = _completed(dom)
     ended = _ENDED_JOBS.get(completed.get("type", libvirt.VIR_DOMAIN_JOB_NONE))
-    operation = completed.get("operation")
-    if operation == _OUT and ended is values.MigrationState.COMPLETED:
+    if completed.get("operation") == _OUT and ended is values.MigrationState.COMPLETED:
         return None  # transferred; libvirt has not removed the paused source copy yet
-    if operation in (None, _OUT) and ended in (
-        values.MigrationState.FAILED,
-        values.MigrationState.CANCELLED,
-    ):
-        assert ended is not None
-        why = str(completed.get("errmsg", "")) or (
-            "aborted" if ended is values.MigrationState.CANCELLED else "failed"
-        )
-        return values.MigrationStatus(
-            state=ended,
-            memory_total_bytes=int(completed.get("memory_total", 0)),
-            memory_processed_bytes=int(completed.get("memory_processed", 0)),
-            memory_remaining_bytes=int(completed.get("memory_remaining", 0)),
-            message=f"the migration job ended {ended.value}: {why}; {name!r} runs on the source",
-        )
     if starting:
         return values.MigrationStatus(
             state=values.MigrationState.ACTIVE,
             message="the migration job is starting (not visible in libvirt yet)",
         )
+    if aborted:
+        return values.MigrationStatus(
+            state=values.MigrationState.CANCELLED,
+            message=f"the migration of {name!r} was aborted; it still runs on the source node",
+        )
+    why = str(completed.get("errmsg", "")) if ended is values.MigrationState.FAILED else ""
     return values.MigrationStatus(
         state=values.MigrationState.FAILED,
-        message=f"no migration job runs for {name!r}; it still runs on the source node",
+        message=(
+            f"no migration job runs for {name!r} (it failed, was aborted, or never started)"
+            f"{': ' + why if why else ''}; it still runs on the source node"
+        ),
     )
 
 
@@ -150,8 +140,7 @@ def arrived(conn: libvirt.virConnect, spec: values.InstanceSpec) -> bool:
         return False
     if tag is None or tag.uid != spec.uid or state == libvirt.VIR_DOMAIN_SHUTOFF:
         return False
-    # paused under a running job: still incoming, the source has not let go
-    return not (state == libvirt.VIR_DOMAIN_PAUSED and running_job(dom) is not None)
+    return not incoming(dom)
 
 
 def confirm_on_target(
@@ -191,19 +180,19 @@ def left(name: str, where: str = "") -> values.MigrationStatus:
     )
 
 
+_INCOMING_REASONS = (libvirt.VIR_DOMAIN_PAUSED_STARTING_UP, libvirt.VIR_DOMAIN_PAUSED_MIGRATION)
+
+
 def incoming(dom: libvirt.virDomain) -> bool:
     """Target side: whether ``dom`` is a copy still arriving (destroying it is safe).
 
-    True while an incoming job runs, or for a paused domain that never completed an
-    incoming migration (a leftover that never ran). False for a running domain, and for
-    one that arrived paused after its incoming migration completed: the only copy.
+    Only a domain paused in libvirt's incoming states (reason *starting up* or *migration*)
+    is one: the source copy still exists and libvirt has not resumed this one. A running
+    domain, or one paused for any other reason (arrived paused, paused by a person), may
+    be the only copy and is never called incoming.
     """
-    state = dom.state()[0]
-    if state != libvirt.VIR_DOMAIN_PAUSED:
-        return bool(state == libvirt.VIR_DOMAIN_SHUTOFF)
-    if running_job(dom) is not None:
-        return True
-    return last_job(dom, _IN) is not values.MigrationState.COMPLETED
+    state, reason = dom.state()
+    return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason in _INCOMING_REASONS)
 
 
 def is_active(dom: libvirt.virDomain) -> bool:
