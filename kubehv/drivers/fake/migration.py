@@ -375,16 +375,10 @@ class FakeMigration:
                     raise errors.InstanceAlreadyRunning(instance.name)
                 self.store.remove(instance.name)
             memory = int(blob["memory_mib"])
-            low = int(blob.get("memory_min_mib", instance.memory_min_mib))
-            high = int(blob.get("memory_max_mib", instance.memory_max_mib))
+            low, high = instance.memory_min_mib, instance.memory_max_mib
             # The startup-memory rule: the minimum must fit; reserve what fits, up to what
             # the guest has now (the source balloons it down before the transfer).
-            fits = base.startup_memory(
-                values.InstanceSpec(
-                    name=instance.name, uid=instance.uid, memory_min_mib=low, memory_max_mib=high
-                ),
-                self._free_mib(now),
-            )
+            fits = base.startup_memory(instance, self._free_mib(now))
             reserve = max(low, min(memory, fits))
             self.store.save(
                 fstore.Record(
@@ -437,7 +431,9 @@ class FakeMigration:
                 raise errors.MigrationError(
                     f"cannot keep {instance.name!r}: its memory transfer has not completed"
                 )
-            if fparams.fails_at(instance.params, "finalize_dst"):
+            if fparams.fails_at(instance.params, "finalize_dst") and not mig.faulted:
+                mig.faulted = True  # the resume failed once; the copy stays, a retry works
+                self.store.save(rec)
                 raise _fault("finalize_dst", instance.name)
             rec.migration = None
             self.store.save(rec)

@@ -72,6 +72,22 @@ class MigrationSteps:
         live: bool,
         options: values.MigrationOptions | None = None,
     ) -> None:
+        with self._lock:
+            self._starting.add(instance.name)
+            self._aborted.discard(instance.name)
+        try:
+            self._migrate(instance, target, live, options)
+        finally:
+            with self._lock:
+                self._starting.discard(instance.name)
+
+    def _migrate(
+        self,
+        instance: values.InstanceSpec,
+        target: values.MigrationTarget,
+        live: bool,
+        options: values.MigrationOptions | None,
+    ) -> None:
         params = hvparams.instance_params(instance)
         options = options or values.MigrationOptions()
         bandwidth = options.bandwidth_mib_s
@@ -82,21 +98,14 @@ class MigrationSteps:
             downtime = int(params["migration_downtime_ms"])
         with self.conn.translated(f"migrate {instance.name}"):
             uuid = self._own(instance.name).UUIDString()
-            with self._lock:
-                self._starting.add(instance.name)
-                self._aborted.discard(instance.name)
-            try:
-                with self.conn.dedicated() as private:
-                    migration.migrate(
-                        private.lookupByUUIDString(uuid),
-                        target,
-                        live=live,
-                        bandwidth_mib_s=bandwidth,
-                        downtime_ms=downtime,
-                    )
-            finally:
-                with self._lock:
-                    self._starting.discard(instance.name)
+            with self.conn.dedicated() as private:
+                migration.migrate(
+                    private.lookupByUUIDString(uuid),
+                    target,
+                    live=live,
+                    bandwidth_mib_s=bandwidth,
+                    downtime_ms=downtime,
+                )
 
     def get_migration_status(
         self, instance: values.InstanceSpec, target: values.MigrationTarget | None = None
