@@ -125,17 +125,25 @@ class MigrationContract(contract.DriverContract):
             pytest.skip("driver cannot migrate (capabilities)")
         return env.peer
 
+    def begin(
+        self, env: contract.ContractEnv, label: str, live: bool
+    ) -> tuple[values.InstanceSpec, str, _Migration]:
+        """Start a slow instance, prepare both sides, and run migrate_instance in a thread."""
+        peer = self.peer(env)
+        spec = self.start(env, label, **env.slow_migration)
+        info = env.driver.migration_info(spec)
+        peer.driver.accept_instance(spec, info, peer.target.address)
+        mover = _Migration(env.driver, spec, peer.target, live, env.slow_migration_options)
+        mover.start()
+        return spec, info, mover
+
     @pytest.mark.parametrize("live", [True, False], ids=["live", "non-live"])
     def test_migration_in_ganeti_order(self, env: contract.ContractEnv, live: bool) -> None:
         peer = self.peer(env)
         caps = self.caps(env)
         if not (caps.live_migration if live else caps.non_live_migration):
             pytest.skip(f"driver cannot do {'live' if live else 'non-live'} migration")
-        spec = self.start(env, "mig", **env.slow_migration)
-        info = env.driver.migration_info(spec)
-        peer.driver.accept_instance(spec, info, peer.target.address)
-        mover = _Migration(env.driver, spec, peer.target, live, env.slow_migration_options)
-        mover.start()
+        spec, info, mover = self.begin(env, "mig", live)
         seen: list[values.MigrationStatus] = []
         while mover.is_alive():
             # MigrationError: e.g. the job is not visible yet, or already gone
@@ -188,11 +196,7 @@ class MigrationContract(contract.DriverContract):
         if not caps.migration_abort:
             pytest.skip("driver cannot abort migrations (capability migration_abort)")
         live = caps.live_migration
-        spec = self.start(env, "migabort", **env.slow_migration)
-        info = env.driver.migration_info(spec)
-        peer.driver.accept_instance(spec, info, peer.target.address)
-        mover = _Migration(env.driver, spec, peer.target, live, env.slow_migration_options)
-        mover.start()
+        spec, info, mover = self.begin(env, "migabort", live)
 
         def transferring() -> bool:
             try:
@@ -278,11 +282,7 @@ class MigrationContract(contract.DriverContract):
         if not caps.migration_abort:
             pytest.skip("driver cannot abort migrations (capability migration_abort)")
         live = caps.live_migration
-        spec = self.start(env, "migrace", **env.slow_migration)
-        info = env.driver.migration_info(spec)
-        peer.driver.accept_instance(spec, info, peer.target.address)
-        mover = _Migration(env.driver, spec, peer.target, live, env.slow_migration_options)
-        mover.start()
+        spec, info, mover = self.begin(env, "migrace", live)
 
         def near_the_end() -> bool:
             status = _status(env.driver, spec)
@@ -329,11 +329,7 @@ class MigrationContract(contract.DriverContract):
         peer = self.peer(env)
         caps = self.caps(env)
         live = caps.live_migration
-        spec = self.start(env, "migundo", **env.slow_migration)
-        info = env.driver.migration_info(spec)
-        peer.driver.accept_instance(spec, info, peer.target.address)
-        mover = _Migration(env.driver, spec, peer.target, live, env.slow_migration_options)
-        mover.start()
+        spec, info, mover = self.begin(env, "migundo", live)
         contract.wait_for(
             lambda: _transferring(env.driver, spec, caps),
             env.settle_timeout_s,
@@ -349,6 +345,32 @@ class MigrationContract(contract.DriverContract):
         assert _state_of(env.driver, spec.name) is values.InstanceState.RUNNING
         assert not contract.is_alive(peer.driver, spec.name)
         assert spec.name not in peer.driver.list_instances()
+
+    def test_paused_instance_arrives_paused_and_is_the_only_copy(
+        self, env: contract.ContractEnv
+    ) -> None:
+        """A paused copy that ARRIVED is not an incoming one: never destroyed, kept paused."""
+        peer = self.peer(env)
+        caps = self.caps(env)
+        if not caps.pause:
+            pytest.skip("driver cannot pause instances (capability pause)")
+        live = caps.live_migration
+        spec = self.start(env, "migpaused")
+        env.driver.pause_instance(spec)
+        info = env.driver.migration_info(spec)
+        peer.driver.accept_instance(spec, info, peer.target.address)
+        env.driver.migrate_instance(spec, peer.target, live, None)
+        status = _fresh(env.driver).get_migration_status(spec, peer.target)
+        assert status.state is values.MigrationState.COMPLETED, status
+        assert _state_of(peer.driver, spec.name) is values.InstanceState.PAUSED
+        with pytest.raises(errors.MigrationCompleted):
+            peer.driver.finalize_migration_dst(spec, info, False)
+        peer.driver.finalize_migration_dst(spec, info, True)
+        env.driver.finalize_migration_source(spec, True, live)
+        assert _state_of(peer.driver, spec.name) is values.InstanceState.PAUSED
+        assert not contract.is_alive(env.driver, spec.name)
+        peer.driver.resume_instance(spec)
+        assert _state_of(peer.driver, spec.name) is values.InstanceState.RUNNING
 
     def test_no_job_is_not_an_error_and_status_says_so(self, env: contract.ContractEnv) -> None:
         self.peer(env)

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -410,7 +409,7 @@ src.migrate_instance(vm, values.MigrationTarget(node="node-b", address="b", uri=
 
 def _migrate_in_killed_child(
     src: fake.FakeHypervisor, dst: fake.FakeHypervisor, vm: values.InstanceSpec
-) -> tuple[str, float]:
+) -> str:
     """Start the migration in a child process (an agent), SIGKILL it once memory moves."""
     info = src.migration_info(vm)
     dst.accept_instance(vm, info, "node-b")
@@ -428,38 +427,12 @@ def _migrate_in_killed_child(
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
-    return info, time.monotonic()
+    return info
 
 
-def test_migration_completes_after_its_agent_is_killed(
-    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor], tmp_path: Path
-) -> None:
-    """kill -9 of the migrating process: the job goes on in the "hypervisor", as libvirtd's."""
-    src, dst = pair
-    vm = spec("mover", migration_duration_s=1.5)
-    src.start_instance(vm)
-    info, killed = _migrate_in_killed_child(src, dst, vm)
-    fresh = node(tmp_path / "a", "node-a")  # the restarted agent's driver object
-    assert fresh.get_migration_status(vm).state is values.MigrationState.ACTIVE
-    assert state(dst, "mover") is None  # incoming, not an instance yet
-    contract.wait_for(
-        lambda: fresh.get_migration_status(vm).state is values.MigrationState.COMPLETED,
-        30,
-        "the migration to complete without its agent",
-    )
-    print(f"\nMEASURED fake migration completed {time.monotonic() - killed:.2f} s after kill -9")
-    status = fresh.get_migration_status(vm, dst.migration_target())
-    assert status.state is values.MigrationState.COMPLETED and status.percent == 100.0
-    assert src.list_instances() == [] and dst.list_instances() == ["mover"]
-    # The target may not undo it; the source may not take it back; finishing works.
-    with pytest.raises(errors.MigrationCompleted):
-        dst.finalize_migration_dst(vm, info, False)
-    with pytest.raises(errors.MigrationError):
-        fresh.finalize_migration_source(vm, False, True)
-    dst.finalize_migration_dst(vm, info, True)
-    fresh.finalize_migration_source(vm, True, True)
-    assert src.list_instances() == [] and dst.list_instances() == ["mover"]
-    assert state(dst, "mover") is values.InstanceState.RUNNING
+# That a migration COMPLETES after its agent is killed is the driver contract's
+# test_outcome_is_read_from_the_hypervisor_after_the_caller_is_killed (fake and kvm alike);
+# these are the fake's own knobs and paths on top of it.
 
 
 def test_migration_fails_on_its_own_after_its_agent_is_killed(
@@ -469,7 +442,7 @@ def test_migration_fails_on_its_own_after_its_agent_is_killed(
     src, dst = pair
     vm = spec("mover", migration_duration_s=3.0, fail_migration_at="migrate")
     src.start_instance(vm)
-    info, _ = _migrate_in_killed_child(src, dst, vm)
+    info = _migrate_in_killed_child(src, dst, vm)
     fresh = node(tmp_path / "a", "node-a")
     contract.wait_for(
         lambda: fresh.get_migration_status(vm).state is values.MigrationState.FAILED,
@@ -493,7 +466,7 @@ def test_abort_from_a_new_driver_object_after_the_agent_is_killed(
     src, dst = pair
     vm = spec("mover", migration_duration_s=60.0)
     src.start_instance(vm)
-    info, _ = _migrate_in_killed_child(src, dst, vm)
+    info = _migrate_in_killed_child(src, dst, vm)
     fresh = node(tmp_path / "a", "node-a")
     fresh.abort_migration(vm)
     status = fresh.get_migration_status(vm)

@@ -148,8 +148,13 @@ class MigrationSteps:
                     )
                 return
             if success:
-                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                    dom.resume()
+                # libvirt resumed the copy itself (or left it paused because the source
+                # was paused: the instance keeps its state). Still incoming: too early.
+                if outcome.incoming(dom):
+                    raise errors.MigrationError(
+                        f"{instance.name!r} is still arriving on this node: its migration "
+                        "has not completed, so it cannot be kept yet"
+                    )
                 return
             if not outcome.incoming(dom):
                 raise errors.MigrationCompleted(instance.name, self.config.node_name)
