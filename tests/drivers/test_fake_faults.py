@@ -7,6 +7,7 @@ docs/drivers.md says, or those tests would prove nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -509,3 +510,55 @@ def test_accept_by_minimum_memory(tmp_path: Path) -> None:
     src.finalize_migration_source(vm, True, True)
     got = dst.get_instance_info("roomy")
     assert got is not None and got.memory_mib == 250
+
+
+def test_crash_during_migration_fails_it_and_nothing_arrives(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor],
+) -> None:
+    """crash_after_s shorter than the transfer: the source copy crashes, the job fails, the
+    incoming copy goes; the instance runs nowhere (the operator must restart it)."""
+    src, dst = pair
+    vm = spec("crashy", migration_duration_s=5.0, crash_after_s=0.5)
+    src.start_instance(vm)
+    info = src.migration_info(vm)
+    dst.accept_instance(vm, info, "node-b")
+    with pytest.raises(errors.MigrationError, match="crashed"):
+        src.migrate_instance(vm, dst.migration_target(), live=True)
+    assert state(src, "crashy") is values.InstanceState.CRASHED
+    assert dst.list_instances() == [] and dst.get_node_info().instances_memory_mib == 0
+    status = src.get_migration_status(vm, dst.migration_target())
+    assert status.state is values.MigrationState.FAILED
+    with pytest.raises(errors.MigrationError, match="no longer runs"):
+        src.finalize_migration_source(vm, False, True)
+    dst.finalize_migration_dst(vm, info, False)
+
+
+def test_stopping_the_source_during_migration_fails_it(
+    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor], tmp_path: Path
+) -> None:
+    src, dst = pair
+    vm = spec("stopped", migration_duration_s=60.0)
+    src.start_instance(vm)
+    info = src.migration_info(vm)
+    dst.accept_instance(vm, info, "node-b")
+    mover = threading.Thread(
+        target=_migrate_quietly, args=(src, vm, dst.migration_target()), daemon=True
+    )
+    mover.start()
+    contract.wait_for(
+        lambda: src.get_migration_status(vm).memory_processed_bytes > 0, 30, "the transfer"
+    )
+    node(tmp_path / "a", "node-a").stop_instance(vm, force=True)  # another agent object
+    mover.join(30)
+    assert not mover.is_alive()
+    assert dst.list_instances() == [] and src.list_instances() == []
+    status = src.get_migration_status(vm, dst.migration_target())
+    assert status.state is values.MigrationState.FAILED and "neither node" in status.message
+    dst.finalize_migration_dst(vm, info, False)
+
+
+def _migrate_quietly(
+    src: fake.FakeHypervisor, vm: values.InstanceSpec, target: values.MigrationTarget
+) -> None:
+    with contextlib.suppress(errors.MigrationError):
+        src.migrate_instance(vm, target, live=True)
