@@ -479,22 +479,6 @@ def test_abort_from_a_new_driver_object_after_the_agent_is_killed(
     assert src.list_instances() == ["mover"] and dst.list_instances() == []
 
 
-def test_abort_after_completion_changes_nothing(
-    pair: tuple[fake.FakeHypervisor, fake.FakeHypervisor],
-) -> None:
-    src, dst = pair
-    vm = spec("mover")
-    src.start_instance(vm)
-    info = src.migration_info(vm)
-    dst.accept_instance(vm, info, "node-b")
-    src.migrate_instance(vm, dst.migration_target(), live=True)
-    src.abort_migration(vm)
-    assert src.get_migration_status(vm).state is values.MigrationState.COMPLETED
-    with pytest.raises(errors.MigrationCompleted):
-        dst.finalize_migration_dst(vm, info, False)
-    assert dst.list_instances() == ["mover"] and src.list_instances() == []
-
-
 def test_accept_by_minimum_memory(tmp_path: Path) -> None:
     """The target accepts when min fits though max does not (the controller's rule)."""
     src = node(tmp_path / "a")

@@ -158,13 +158,7 @@ class MigrationSteps:
                 return
             if not outcome.incoming(dom):
                 raise errors.MigrationCompleted(instance.name, self.config.node_name)
-            # Still incoming: the source copy exists, this half-arrived one must not run.
-            with contextlib.suppress(libvirt.libvirtError):
-                if outcome.is_active(dom):
-                    dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isPersistent():
-                    dom.undefine()
+            _remove(dom)  # still incoming: the source copy exists, this one must not run
 
     def finalize_migration_source(
         self, instance: values.InstanceSpec, success: bool, live: bool
@@ -188,12 +182,7 @@ class MigrationSteps:
                         f"refusing to remove {instance.name!r} from the source node: its "
                         f"migration has not completed ({still.state.value}: {still.message})"
                     )
-                with contextlib.suppress(libvirt.libvirtError):
-                    if outcome.is_active(dom):
-                        dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isPersistent():
-                        dom.undefine()
+                _remove(dom)
                 return
             if not ours or dom is None or not outcome.is_active(dom):
                 raise errors.MigrationError(
@@ -202,3 +191,13 @@ class MigrationSteps:
                 )
             if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 dom.resume()  # a non-live attempt paused it
+
+
+def _remove(dom: libvirt.virDomain) -> None:
+    """Destroy (and undefine, if persistent) a domain that must not run here."""
+    with contextlib.suppress(libvirt.libvirtError):
+        if outcome.is_active(dom):
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isPersistent():
+            dom.undefine()
