@@ -153,12 +153,14 @@ class FakeMigration:
                 break
             time.sleep(min(self.POLL_S, max(0.0, record.end - self.clock())) or self.POLL_S)
         with self.store.locked():
-            self.store.current(name, self.clock())  # apply the outcome to the source record
+            rec = self.store.current(name, self.clock())  # apply the outcome to the record
         self._settle_target(target, name)
         if result.state == fjob.COMPLETED:
             return
+        stays = rec is not None and rec.alive
+        where = "stays on the source node" if stays else "no longer runs on the source node"
         cls = errors.MigrationAborted if result.state == fjob.CANCELLED else errors.MigrationError
-        raise cls(f"{result.message}; the instance stays on the source node")
+        raise cls(f"{result.message}; the instance {where}")
 
     def _start_job(
         self,
