@@ -30,6 +30,9 @@ class Policy:
     crash_limit: int = 5
     crash_window_s: float = 600.0
     stop_timeout_s: float = 30.0
+    migration_takeover_grace_s: float = 60.0
+    """A target judges a Running migration by what arrived once it is this far past its
+    completionTimeout (the source had that long to finish or abort it)."""
 
     def backoff(self, attempts: int) -> float:
         """The wait before restart number ``attempts + 1`` (0 waits nothing)."""

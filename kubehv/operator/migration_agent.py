@@ -102,7 +102,7 @@ class MigrationAgent:
             await self._accept(view)
         elif step is ml.Step.MIGRATE:
             await self._migrate(view)
-        elif step is ml.Step.WATCH:
+        elif step is ml.Step.TRACK_COPY:
             await self._watch(view)
         elif step is ml.Step.FINALIZE_TARGET:
             await self._finalize_target(view)

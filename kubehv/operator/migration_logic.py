@@ -29,6 +29,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from kubehv import api
+from kubehv.api import migration as migration_api
 from kubehv.drivers import values
 from kubehv.operator import status as status_mod
 
@@ -81,7 +83,7 @@ class Step(enum.StrEnum):
     PREPARE = "Prepare"  # source: migration_info, Scheduled -> Preparing
     ACCEPT = "Accept"  # target: accept_instance, Preparing -> TargetReady
     MIGRATE = "Migrate"  # source: claim Running, then migrate_instance
-    WATCH = "Watch"  # source: a Running migration this process does not drive (restart)
+    TRACK_COPY = "TrackCopy"  # source: follow a Running copy (after a restart: recover it)
     ABORT = "Abort"  # controller: abort requested before Running -> Aborted
     TIME_OUT = "TimeOut"  # controller: stuck before Running past completionTimeout -> Failed
     FINALIZE_TARGET = "FinalizeTarget"  # target: finalize_migration_dst(True)
@@ -183,6 +185,40 @@ class MigrationView:
             failure_reason=str(status.get("failureReason") or ""),
         )
 
+    @classmethod
+    def of(cls, mig: api.Migration) -> MigrationView:
+        """The protocol's view of a typed Migration (the model parsed at the edge)."""
+        meta, spec, st = mig.metadata, mig.spec, mig.status
+        try:
+            phase = Phase(st.phase.value) if st.phase is not None else Phase.PENDING
+        except ValueError:
+            phase = Phase.PENDING
+        timeout = spec.completion_timeout
+        return cls(
+            name=meta.name or "",
+            namespace=meta.namespace or "",
+            uid=meta.uid or "",
+            resource_version=meta.resource_version or "",
+            instance=spec.instance,
+            requested_target=spec.target_node or None,
+            live=spec.mode is not migration_api.Mode.NON_LIVE,
+            bandwidth_mib_s=spec.bandwidth,
+            max_downtime_ms=spec.max_downtime,
+            completion_timeout_s=timeout if timeout > 0 else DEFAULT_COMPLETION_TIMEOUT_S,
+            allow_unsafe_version_pair=spec.allow_unsafe_version_pair,
+            phase=phase,
+            source_node=st.source_node or None,
+            target_node=st.target_node or None,
+            migration_info=st.migration_info or "",
+            start_time=status_mod.parse_time(st.start_time),
+            creation_time=status_mod.parse_time(meta.creation_timestamp),
+            conditions={c.type: c.model_dump(mode="json", by_alias=True) for c in st.conditions},
+            deleting=bool(meta.deletion_timestamp),
+            abort_annotated=meta.annotations.get(ABORT_ANNOTATION, "").lower() == "true",
+            finalizers=tuple(meta.finalizers),
+            failure_reason=st.failure_reason or "",
+        )
+
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -252,7 +288,7 @@ def next_step(view: MigrationView, role: Role, moment: datetime.datetime | None 
         if phase is Phase.TARGET_READY and not view.abort_requested:
             return Step.MIGRATE
         if phase is Phase.RUNNING:
-            return Step.WATCH
+            return Step.TRACK_COPY
         if phase is Phase.FINALIZING and view.condition_true(COND_TARGET_FINALIZED):
             return Step.FINALIZE_SOURCE
         if (
