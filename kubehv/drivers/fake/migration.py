@@ -252,7 +252,9 @@ class FakeMigration:
                 return mig.token in _ACTIVE_TOKENS
         return psutil.pid_exists(mig.owner_pid)
 
-    def get_migration_status(self, instance: values.InstanceSpec) -> values.MigrationStatus:
+    def get_migration_status(
+        self, instance: values.InstanceSpec, target: values.MigrationTarget | None = None
+    ) -> values.MigrationStatus:
         with self.store.locked():
             rec = self.store.current(instance.name, self.clock())
         if rec is None or rec.migration is None or rec.migration.role != "source":

@@ -435,7 +435,9 @@ class LibvirtHypervisor(base.BaseHypervisor):
                     tracker=tracker,
                 )
 
-    def get_migration_status(self, instance: values.InstanceSpec) -> values.MigrationStatus:
+    def get_migration_status(
+        self, instance: values.InstanceSpec, target: values.MigrationTarget | None = None
+    ) -> values.MigrationStatus:
         tracker = self._migrations.get(instance.name)
         with self.conn.translated(f"read the migration status of {instance.name}"):
             dom = self._lookup(instance.name)
