@@ -48,6 +48,7 @@ class Entry:
     role: Role
     stage: Stage
     peer: str  # the other node
+    vi: str = ""  # namespace/name of the VirtualInstance
     memory_before_mib: int | None = None
     """Source only: the guest's memory before the migration ballooned it down (restored
     if the migration fails)."""
@@ -64,6 +65,7 @@ class Entry:
             role=Role(data["role"]),
             stage=Stage(data["stage"]),
             peer=str(data.get("peer") or ""),
+            vi=str(data.get("vi") or ""),
             memory_before_mib=(
                 int(data["memory_before_mib"])
                 if data.get("memory_before_mib") is not None

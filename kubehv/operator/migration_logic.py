@@ -3,8 +3,9 @@
 Why this module exists: a migration is a hand-off between three processes (controller, source
 agent, target agent) that may each die at any moment. Keeping every decision here, free of
 kopf, Kubernetes clients and drivers, lets the whole state machine be unit-tested without a
-server, and makes the kopf handlers in :mod:`migration_agent` / :mod:`migration_controller`
-thin: read the object, ask :func:`next_step`, do that one step, write the status guarded by
+server, and makes the acting modules (:mod:`migration_source`, :mod:`migration_target`,
+:mod:`migration_controller`) thin: read the object, ask :func:`next_step`, do that one step,
+write the status guarded by
 ``metadata.resourceVersion`` (so a concurrent writer gets 409 and re-reads: one winner).
 
 The order is Ganeti's::
@@ -475,6 +476,7 @@ class InstanceView:
     memory_max_mib: int
     actual_memory_mib: int | None
     eviction_policy: str
+    deleting: bool = False
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> InstanceView:
@@ -494,6 +496,7 @@ class InstanceView:
             memory_max_mib=mem_max,
             actual_memory_mib=parse_mib(status.get("actualMemory")),
             eviction_policy=str(spec.get("evictionPolicy") or "LiveMigrate"),
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
     @property
@@ -630,8 +633,8 @@ def schedule(
     limits: Limits,
 ) -> Decision:
     """The controller's Pending decision: Scheduled, Refused (-> Failed) or Queued (wait)."""
-    if instance is None:
-        return Refused(f"VirtualInstance {migration.instance} does not exist")
+    if instance is None or instance.deleting:
+        return Refused(f"VirtualInstance {migration.instance} does not exist (or is being deleted)")
     if instance.node_name is None:
         return Refused(f"VirtualInstance {instance.name} is not placed on any node")
     # One migration per instance: name the Migration already moving it before judging the

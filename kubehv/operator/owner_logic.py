@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 
 from kubehv import api
 from kubehv.api import constants
@@ -78,6 +79,8 @@ class Act(enum.StrEnum):
     FAIL_NOT_ARRIVED = "FailNotArrived"  # Running past its deadline, nothing arrived: Failed
     FINALIZE_TARGET = "FinalizeTarget"  # finalize_migration_dst(True)
     CLEANUP_TARGET = "CleanupTarget"  # finalize_migration_dst(False); never destroys a resumed copy
+    # migration, either role, instance deleted
+    ABANDON = "Abandon"  # undo this node's side, record it; the Migration ends (I4)
 
 
 NEEDS_FRESH = frozenset(
@@ -97,6 +100,7 @@ MIGRATION_ACTS = frozenset(
         Act.FAIL_NOT_ARRIVED,
         Act.FINALIZE_TARGET,
         Act.CLEANUP_TARGET,
+        Act.ABANDON,
     }
 )
 
@@ -117,7 +121,8 @@ class Inputs:
     """Everything the owner of one instance on ``node`` decides from."""
 
     node: str
-    instance: api.VirtualInstance
+    instance: api.VirtualInstance | None
+    """None: the VirtualInstance does not exist (deleted, its finalizer gone)."""
     fresh: bool
     """``instance`` and ``migration`` come from a GET/LIST just now, not the watch cache."""
     migration: api.Migration | None
@@ -162,17 +167,27 @@ def migration_view(mig: api.Migration) -> ml.MigrationView:
 
 
 def open_migration(
-    migrations: list[api.Migration], namespace: str, instance: str
+    migrations: Sequence[api.Migration], namespace: str, instance: str, node: str
 ) -> api.Migration | None:
-    """The Migration that owns (or is about to own) the instance: not settled, not Pending.
+    """The Migration the owner on ``node`` must heed: the one occupying the instance, else
+    one that is not settled and still has a step for ``node`` (a cleanup after failure).
 
-    Of several (only one is ever scheduled per instance), the one that occupies it wins.
+    Only one Migration is ever scheduled per instance; Pending ones have no roles yet.
     """
-    mine = [
-        m for m in migrations if m.metadata.namespace == namespace and m.spec.instance == instance
+    views = [
+        (m, ml.MigrationView.of(m))
+        for m in migrations
+        if m.metadata.namespace == namespace and m.spec.instance == instance
     ]
-    for mig in mine:
-        if ml.MigrationView.of(mig).occupies_instance:
+    for mig, view in views:
+        if view.occupies_instance:
+            return mig
+    for mig, view in views:
+        if (
+            view.phase is not ml.Phase.PENDING
+            and not view.settled
+            and ml.role_of(view, node) is not None
+        ):
             return mig
     return None
 
@@ -196,6 +211,8 @@ def _decide(inputs: Inputs) -> Action:
     journal_action = _journal(inputs)
     if journal_action is not None:
         return journal_action
+    if inputs.instance is None:
+        return _instance_gone(inputs)
     if inputs.migration is not None:
         view = ml.MigrationView.of(inputs.migration)
         migration_action = _migration(inputs, view)
@@ -234,11 +251,26 @@ def _journal(inputs: Inputs) -> Action | None:
     return Action(Act.CLEAR_JOURNAL)
 
 
+def _instance_gone(inputs: Inputs) -> Action:
+    """The VirtualInstance no longer exists: end this node's part of its Migration (I4)."""
+    if inputs.migration is None:
+        return Action(Act.NOTHING)
+    view = ml.MigrationView.of(inputs.migration)
+    role = ml.role_of(view, inputs.node)
+    done = {ml.Role.SOURCE: ml.COND_SOURCE_FINALIZED, ml.Role.TARGET: ml.COND_TARGET_FINALIZED}
+    if role in done and not view.condition_true(done[role]):
+        if not inputs.fresh:
+            return Action(Act.REREAD, message="the instance seems gone")
+        return Action(Act.ABANDON, message=f"VirtualInstance {view.instance} was deleted")
+    return Action(Act.NOTHING)
+
+
 def _migration(inputs: Inputs, view: ml.MigrationView) -> Action | None:
     """The migration step of this node, or NOTHING while the Migration owns the instance."""
     role = ml.role_of(view, inputs.node)
     if role is None or role is ml.Role.CONTROLLER:
         return None
+    assert inputs.instance is not None
     if deleting(inputs.instance) and not view.abort_requested:
         # A deleted instance is not moved: no further forward step (the copy in flight is
         # aborted by the source's monitor; the controller aborts before Running).
@@ -273,6 +305,7 @@ def _migration(inputs: Inputs, view: ml.MigrationView) -> Action | None:
 
 def _lifecycle(inputs: Inputs) -> Action:
     vi = inputs.instance
+    assert vi is not None
     st = vi.status
     spec = vi.spec
     node = inputs.node
