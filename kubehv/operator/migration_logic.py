@@ -48,6 +48,8 @@ COND_SOURCE_FINALIZED = "SourceFinalized"
 COND_INSTANCE_MOVED = "InstanceMoved"
 COND_QUEUED = "Queued"
 COND_MEMORY_REDUCED = "MemoryReduced"
+REASON_COMPLETED_ANYWAY = "MigrationCompleted"
+"""TargetFinalized reason: asked to roll back, the target found the copy complete and kept it."""
 
 DEFAULT_COMPLETION_TIMEOUT_S = 600
 
@@ -237,12 +239,22 @@ class MigrationView:
         return bool(cond) and str(cond.get("status")) == "True"  # type: ignore[union-attr]
 
     @property
+    def target_kept(self) -> bool:
+        """Failed or Aborted, yet the target found the copy complete and kept it (the only
+        copy): the instance must move to the target all the same."""
+        cond = self.conditions.get(COND_TARGET_FINALIZED) or {}
+        return self.phase in UNSUCCESSFUL and cond.get("reason") == REASON_COMPLETED_ANYWAY
+
+    @property
     def settled(self) -> bool:
         """Terminal and every involved side has done its last step: safe to forget."""
         if not self.terminal:
             return False
+        moves = self.phase is Phase.SUCCEEDED or self.target_kept
+        if moves and not self.condition_true(COND_INSTANCE_MOVED):
+            return False
         if self.phase is Phase.SUCCEEDED:
-            return self.condition_true(COND_INSTANCE_MOVED)
+            return True
         if self.source_node is None:  # never scheduled: nobody did anything
             return True
         return self.condition_true(COND_SOURCE_FINALIZED) and self.condition_true(
@@ -257,6 +269,8 @@ class MigrationView:
         if self.phase in UNSUCCESSFUL:
             # The instance is free again once the source has cleaned up (its copy runs on);
             # a target that is gone for good must not block the instance forever.
+            if self.target_kept and not self.condition_true(COND_INSTANCE_MOVED):
+                return True
             return self.source_node is not None and not self.condition_true(COND_SOURCE_FINALIZED)
         return not self.settled
 
@@ -321,7 +335,9 @@ def _controller_step(view: MigrationView, moment: datetime.datetime) -> Step:
         return Step.SCHEDULE
     if phase in BEFORE_RUNNING and timed_out(view, moment):
         return Step.TIME_OUT
-    if phase is Phase.SUCCEEDED and not view.condition_true(COND_INSTANCE_MOVED):
+    if (phase is Phase.SUCCEEDED or view.target_kept) and not view.condition_true(
+        COND_INSTANCE_MOVED
+    ):
         return Step.HAND_OFF
     if view.deleting and FINALIZER in view.finalizers and view.settled:
         return Step.RELEASE

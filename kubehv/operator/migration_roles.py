@@ -9,6 +9,7 @@ journal each step that touches the hypervisor before doing it (:mod:`journal`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -158,22 +159,12 @@ class Role:
             stage=stage,
             peer=peer or "",
             vi=f"{view.namespace}/{view.instance}",
+            migration_info=view.migration_info if role is journal.Role.TARGET else "",
             memory_before_mib=memory_before_mib,
         )
         old = journal.load(self.state_dir, entry.instance)
-        if old is not None and old.migration_uid == entry.migration_uid:
-            entry = journal.Entry(
-                **{
-                    **entry.to_json(),
-                    "memory_before_mib": (
-                        memory_before_mib
-                        if memory_before_mib is not None
-                        else old.memory_before_mib
-                    ),
-                    "role": role,
-                    "stage": stage,
-                }
-            )
+        if old is not None and old.migration_uid == view.uid and memory_before_mib is None:
+            entry = dataclasses.replace(entry, memory_before_mib=old.memory_before_mib)
         await k8s.call(journal.store, self.state_dir, entry)
 
     async def forget(self, view: ml.MigrationView) -> None:

@@ -45,6 +45,18 @@ def test_plan_per_policy() -> None:
     assert drain.drain_migration(to_migrate[0], "a")["spec"]["mode"] == "live"
 
 
+def test_plan_replaces_what_runs_nowhere_whatever_its_policy() -> None:
+    """A Stopped or Failed instance needs no live migration (issue: Drained never True)."""
+    instances = [
+        inst("stopped-live", phase="Stopped"),
+        inst("failed-cold", policy="Migrate", phase="Failed"),
+        inst("paused", phase="Paused"),
+    ]
+    to_migrate, to_replace, _ = drain.plan("a", instances, [])
+    assert [i.name for i in to_replace] == ["stopped-live", "failed-cold"]
+    assert [i.name for i in to_migrate] == ["paused"]
+
+
 def test_plan_skips_busy_and_reports_failed() -> None:
     running = ml.MigrationView.from_body(
         {

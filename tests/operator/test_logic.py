@@ -110,7 +110,7 @@ def test_balloon_into_range_and_to_auto_target() -> None:
     body["spec"]["autoBalloon"]["target"] = "128Mi"  # the minimum itself
     assert decide(body, info(mem=384)).memory_mib == 128
     body["spec"]["autoBalloon"]["target"] = "64Mi"  # below min: refused where it is parsed
-    with pytest.raises(pydantic.ValidationError, match="between memory.min and memory.max"):
+    with pytest.raises(pydantic.ValidationError, match=r"between memory\.min and memory\.max"):
         model(body)
 
 
