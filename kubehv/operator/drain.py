@@ -27,8 +27,10 @@ from typing import Any
 
 import kopf
 
+from kubehv import api
 from kubehv.operator import k8s
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_scheduling as sched
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def drain_migration_name(instance: str, node: str) -> str:
     return f"drain-{instance[:50]}-{digest}"
 
 
-def drain_migration(instance: ml.InstanceView, node: str) -> dict[str, Any]:
+def drain_migration(instance: sched.InstanceFacts, node: str) -> dict[str, Any]:
     """The Migration that evicts ``instance`` from ``node`` (policy LiveMigrate or Migrate)."""
     return {
         "apiVersion": f"{ml.GROUP}/{ml.VERSION}",
@@ -62,13 +64,13 @@ def drain_migration(instance: ml.InstanceView, node: str) -> dict[str, Any]:
 
 
 def plan(
-    node: str, instances: Sequence[ml.InstanceView], migrations: Sequence[ml.MigrationView]
-) -> tuple[list[ml.InstanceView], list[ml.InstanceView], str]:
+    node: str, instances: Sequence[sched.InstanceFacts], migrations: Sequence[ml.MigrationView]
+) -> tuple[list[sched.InstanceFacts], list[sched.InstanceFacts], str]:
     """(instances needing a Migration, Evicted instances to re-place, Drained message)."""
     on_node = [i for i in instances if i.node_name == node]
     busy = {(m.namespace, m.instance) for m in migrations if m.occupies_instance}
-    to_migrate: list[ml.InstanceView] = []
-    to_replace: list[ml.InstanceView] = []
+    to_migrate: list[sched.InstanceFacts] = []
+    to_replace: list[sched.InstanceFacts] = []
     waiting_stop: list[str] = []
     failed: list[str] = []
     by_name = {(m.namespace, m.name): m for m in migrations}
@@ -101,7 +103,7 @@ class DrainController:
         self.store = k8s.Kube(ctx.api_client)
 
     async def reconcile_node(self, body: Mapping[str, Any]) -> None:
-        node = ml.NodeView.from_body(body)
+        node = sched.NodeFacts.of(api.NodeHypervisor.model_validate(body))
         status = body.get("status") or {}
         conds = {c.get("type"): c for c in status.get("conditions") or []}
         if not node.drain:
@@ -109,7 +111,7 @@ class DrainController:
                 await self._set_drained(node.name, status, None)
             return
         instances = [
-            ml.InstanceView.from_body(b)
+            sched.InstanceFacts.of(api.VirtualInstance.model_validate(b))
             for b in await k8s.call(self.store.list_instances, f"status.nodeName={node.name}")
         ]
         migrations = [

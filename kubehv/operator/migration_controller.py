@@ -18,8 +18,10 @@ from typing import Any, Protocol
 
 import kopf
 
+from kubehv import api
 from kubehv.operator import k8s, metrics
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_scheduling as sched
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,12 @@ class ControllerContext(Protocol):
     def api_client(self) -> Any: ...
 
 
-def limits_from(ctx: Any) -> ml.Limits:
+def limits_from(ctx: Any) -> sched.Limits:
     settings = getattr(ctx, "settings", None)
     per_node = getattr(settings, "max_migrations_per_node", None)
     per_cluster = getattr(settings, "max_migrations_per_cluster", None)
-    default = ml.Limits()
-    return ml.Limits(
+    default = sched.Limits()
+    return sched.Limits(
         per_node=int(per_node) if isinstance(per_node, int) else default.per_node,
         per_cluster=int(per_cluster) if isinstance(per_cluster, int) else default.per_cluster,
     )
@@ -117,18 +119,18 @@ class MigrationController:
         vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
         nodes = await k8s.call(self.store.list_nodes)
         others = await k8s.call(self.store.list_migrations)
-        decision = ml.schedule(
+        decision = sched.schedule(
             view,
-            ml.InstanceView.from_body(vi) if vi is not None else None,
-            [ml.NodeView.from_body(n) for n in nodes],
+            api.VirtualInstance.model_validate(vi) if vi is not None else None,
+            [api.NodeHypervisor.model_validate(n) for n in nodes],
             [ml.MigrationView.from_body(o) for o in others],
             self.limits,
         )
-        if isinstance(decision, ml.Refused):
+        if isinstance(decision, sched.Refused):
             await self._write(view, ml.fail(view, decision.reason))
             metrics.record_migration("Failed", None)
             return
-        if isinstance(decision, ml.Queued):
+        if isinstance(decision, sched.Queued):
             current = view.conditions.get(ml.COND_QUEUED) or {}
             if current.get("message") != decision.reason:
                 cond = ml.condition(ml.COND_QUEUED, True, "LimitReached", decision.reason)

@@ -11,12 +11,13 @@ import pytest
 
 from kubehv.operator import drain
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_scheduling as sched
 
 
 def inst(
     name: str, node: str | None = "a", policy: str = "LiveMigrate", phase: str = "Running"
-) -> ml.InstanceView:
-    return ml.InstanceView(
+) -> sched.InstanceFacts:
+    return sched.InstanceFacts(
         name=name,
         namespace="ns",
         node_name=node,
