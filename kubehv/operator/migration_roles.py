@@ -70,9 +70,7 @@ class Role:
         return values.InstanceSpec(name=name, uid="", memory_min_mib=1, memory_max_mib=1)
 
     def hypervisor_name(self, view: ml.MigrationView) -> str:
-        return translate.instance_name(
-            {"metadata": {"namespace": view.namespace, "name": view.instance}}
-        )
+        return translate.hypervisor_name(view.namespace, view.instance)
 
     async def reread(self, view: ml.MigrationView) -> ml.MigrationView:
         return ml.MigrationView.from_body(

@@ -151,7 +151,7 @@ class Action:
 
 def hypervisor_name(namespace: str, name: str) -> str:
     """The hypervisor-level name of a VirtualInstance (see translate.instance_name)."""
-    return translate.instance_name({"metadata": {"namespace": namespace, "name": name}})
+    return translate.hypervisor_name(namespace, name)
 
 
 def has_finalizer(vi: api.VirtualInstance) -> bool:
