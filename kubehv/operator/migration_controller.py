@@ -131,8 +131,8 @@ class MigrationController:
             metrics.record_migration("Failed", None)
             return
         if isinstance(decision, sched.Queued):
-            current = view.conditions.get(ml.COND_QUEUED) or {}
-            if current.get("message") != decision.reason:
+            current = view.conditions.get(ml.COND_QUEUED)
+            if current is None or current.message != decision.reason:
                 cond = ml.condition(ml.COND_QUEUED, True, "LimitReached", decision.reason)
                 await self._write(view, ml.status_patch(view, conditions=[cond]))
             return

@@ -137,7 +137,7 @@ class MigrationView:
     migration_info: str
     start_time: datetime.datetime | None
     creation_time: datetime.datetime | None
-    conditions: Mapping[str, Mapping[str, Any]]
+    conditions: Mapping[str, api.Condition]
     deleting: bool
     abort_annotated: bool
     finalizers: tuple[str, ...]
@@ -145,47 +145,9 @@ class MigrationView:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> MigrationView:
-        meta = body.get("metadata") or {}
-        spec = body.get("spec") or {}
-        status = body.get("status") or {}
-        annotations = meta.get("annotations") or {}
-        raw_phase = status.get("phase") or Phase.PENDING.value
-        try:
-            phase = Phase(raw_phase)
-        except ValueError:
-            phase = Phase.PENDING
-        conds = {
-            str(c.get("type")): c
-            for c in (status.get("conditions") or [])
-            if isinstance(c, Mapping) and c.get("type")
-        }
-        timeout = _int_or_none(spec.get("completionTimeout"))
-        return cls(
-            name=str(meta.get("name", "")),
-            namespace=str(meta.get("namespace", "")),
-            uid=str(meta.get("uid", "")),
-            resource_version=str(meta.get("resourceVersion", "")),
-            instance=str(spec.get("instance", "")),
-            requested_target=spec.get("targetNode") or None,
-            live=(spec.get("mode") or "live") != "non-live",
-            bandwidth_mib_s=_int_or_none(spec.get("bandwidth")),
-            max_downtime_ms=_int_or_none(spec.get("maxDowntime")),
-            completion_timeout_s=(
-                timeout if timeout and timeout > 0 else DEFAULT_COMPLETION_TIMEOUT_S
-            ),
-            allow_unsafe_version_pair=bool(spec.get("allowUnsafeVersionPair", False)),
-            phase=phase,
-            source_node=status.get("sourceNode") or None,
-            target_node=status.get("targetNode") or None,
-            migration_info=str(status.get("migrationInfo") or ""),
-            start_time=status_mod.parse_time(status.get("startTime")),
-            creation_time=status_mod.parse_time(meta.get("creationTimestamp")),
-            conditions=conds,
-            deleting=bool(meta.get("deletionTimestamp")),
-            abort_annotated=str(annotations.get(ABORT_ANNOTATION, "")).lower() == "true",
-            finalizers=tuple(meta.get("finalizers") or ()),
-            failure_reason=str(status.get("failureReason") or ""),
-        )
+        """Parse a raw Migration (a watch event, a GET) into the model, then the view.
+        Raises ``pydantic.ValidationError`` (a ValueError) for an object that is not one."""
+        return cls.of(api.Migration.model_validate(body))
 
     @classmethod
     def of(cls, mig: api.Migration) -> MigrationView:
@@ -214,7 +176,7 @@ class MigrationView:
             migration_info=st.migration_info or "",
             start_time=status_mod.parse_time(st.start_time),
             creation_time=status_mod.parse_time(meta.creation_timestamp),
-            conditions={c.type: c.model_dump(mode="json", by_alias=True) for c in st.conditions},
+            conditions={c.type: c for c in st.conditions},
             deleting=bool(meta.deletion_timestamp),
             abort_annotated=meta.annotations.get(ABORT_ANNOTATION, "").lower() == "true",
             finalizers=tuple(meta.finalizers),
@@ -235,14 +197,18 @@ class MigrationView:
 
     def condition_true(self, ctype: str) -> bool:
         cond = self.conditions.get(ctype)
-        return bool(cond) and str(cond.get("status")) == "True"  # type: ignore[union-attr]
+        return cond is not None and cond.status is api.conditions.ConditionStatus.TRUE
 
     @property
     def target_kept(self) -> bool:
         """Failed or Aborted, yet the target found the copy complete and kept it (the only
         copy): the instance must move to the target all the same."""
-        cond = self.conditions.get(COND_TARGET_FINALIZED) or {}
-        return self.phase in UNSUCCESSFUL and cond.get("reason") == REASON_COMPLETED_ANYWAY
+        cond = self.conditions.get(COND_TARGET_FINALIZED)
+        return (
+            self.phase in UNSUCCESSFUL
+            and cond is not None
+            and cond.reason == REASON_COMPLETED_ANYWAY
+        )
 
     @property
     def settled(self) -> bool:
@@ -354,38 +320,50 @@ def timed_out(view: MigrationView, moment: datetime.datetime) -> bool:
 
 def condition(
     ctype: str, status: bool, reason: str, message: str, moment: datetime.datetime | None = None
-) -> dict[str, Any]:
-    return {
-        "type": ctype,
-        "status": "True" if status else "False",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": format_time(moment or now()),
-    }
+) -> api.Condition:
+    return api.Condition(
+        type=ctype,
+        status=api.conditions.ConditionStatus.TRUE
+        if status
+        else api.conditions.ConditionStatus.FALSE,
+        reason=reason,
+        message=message,
+        last_transition_time=format_time(moment or now()),
+    )
+
+
+ConditionLike = api.Condition | Mapping[str, Any]
+_STATUS = {True: api.conditions.ConditionStatus.TRUE, False: api.conditions.ConditionStatus.FALSE}
+
+
+def _typed(cond: ConditionLike) -> api.Condition:
+    return cond if isinstance(cond, api.Condition) else api.Condition.model_validate(cond)
 
 
 def merged_conditions(
-    existing: Iterable[Mapping[str, Any]], updates: Iterable[Mapping[str, Any]]
+    existing: Iterable[ConditionLike], updates: Iterable[ConditionLike]
 ) -> list[dict[str, Any]]:
-    """Replace conditions by type, keeping lastTransitionTime when the status did not change."""
-    result = [dict(c) for c in existing]
-    for new in updates:
-        for i, old in enumerate(result):
-            if old.get("type") == new.get("type"):
-                merged = dict(new)
-                if old.get("status") == new.get("status") and old.get("lastTransitionTime"):
-                    merged["lastTransitionTime"] = old["lastTransitionTime"]
-                result[i] = merged
-                break
-        else:
-            result.append(dict(new))
-    return result
+    """Replace conditions by type (:func:`kubehv.api.conditions.set_condition`: the
+    lastTransitionTime stays when the status did not change), in wire form."""
+    result = [_typed(c) for c in existing]
+    for raw in updates:
+        new = _typed(raw)
+        result = api.conditions.set_condition(
+            result,
+            new.type,
+            new.status,
+            new.reason,
+            new.message,
+            new.observed_generation,
+            new.last_transition_time,
+        )
+    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in result]
 
 
 def status_patch(
     view: MigrationView,
     fields: Mapping[str, Any] | None = None,
-    conditions: Sequence[Mapping[str, Any]] = (),
+    conditions: Sequence[ConditionLike] = (),
 ) -> dict[str, Any]:
     """A merge patch for the status subresource, guarded by the view's resourceVersion."""
     status: dict[str, Any] = dict(fields or {})
@@ -398,7 +376,7 @@ def transition(
     view: MigrationView,
     to: Phase,
     fields: Mapping[str, Any] | None = None,
-    conditions: Sequence[Mapping[str, Any]] = (),
+    conditions: Sequence[ConditionLike] = (),
     moment: datetime.datetime | None = None,
 ) -> dict[str, Any]:
     """The patch that moves ``view`` to phase ``to`` (refuses illegal moves)."""
@@ -415,7 +393,7 @@ def fail(
     reason: str,
     *,
     aborted: bool = False,
-    extra_conditions: Sequence[Mapping[str, Any]] = (),
+    extra_conditions: Sequence[ConditionLike] = (),
 ) -> dict[str, Any]:
     phase = Phase.ABORTED if aborted else Phase.FAILED
     return transition(view, phase, {"failureReason": reason}, extra_conditions)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kubehv import api
 from kubehv.drivers import base, errors, values
 from kubehv.operator import context, journal, k8s, translate
 from kubehv.operator import migration_logic as ml
@@ -22,7 +23,7 @@ from kubehv.operator import status as status_mod
 log = logging.getLogger(__name__)
 
 
-def done_condition(ctype: str, success: bool, message: str = "") -> dict[str, Any]:
+def done_condition(ctype: str, success: bool, message: str = "") -> api.Condition:
     return ml.condition(
         ctype,
         True,
@@ -93,7 +94,7 @@ class Role:
         self,
         view: ml.MigrationView,
         reason: str,
-        done: Sequence[Mapping[str, Any]],
+        done: Sequence[api.Condition],
         aborted: bool = False,
     ) -> None:
         """One write: the terminal phase (unless already terminal) with this side's record."""

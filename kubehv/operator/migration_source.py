@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 
+from kubehv import api
 from kubehv.drivers import errors, values
 from kubehv.operator import journal, k8s, metrics
 from kubehv.operator import migration_logic as ml
@@ -66,7 +67,7 @@ class SourceRole(roles.Role):
                 return
             target = await k8s.call(self.kube.get_node, view.target_node or "")
             free = ((target or {}).get("status") or {}).get("memoryFree")
-            conds: list[dict[str, object]] = []
+            conds: list[api.Condition] = []
             await self.journal(
                 view,
                 journal.Role.SOURCE,

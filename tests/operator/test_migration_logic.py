@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import pydantic
 import pytest
 
 from kubehv import api
@@ -55,7 +56,7 @@ def mig(
 
 
 def cond(ctype: str, ok: bool = True) -> dict[str, Any]:
-    return ml.condition(ctype, ok, "Test", "test", T0)
+    return ml.condition(ctype, ok, "Test", "test", T0).model_dump(by_alias=True, mode="json")
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -68,7 +69,9 @@ def test_view_defaults_and_spec_fields() -> None:
     assert view.options() == values.MigrationOptions(bandwidth_mib_s=20, max_downtime_ms=300)
     assert view.completion_timeout_s == ml.DEFAULT_COMPLETION_TIMEOUT_S
     assert mig().live
-    assert ml.MigrationView.from_body({}).phase is ml.Phase.PENDING
+    # Not a Migration: refused where it is parsed (the edge), never guessed into Pending.
+    with pytest.raises(pydantic.ValidationError):
+        ml.MigrationView.from_body({})
 
 
 def test_abort_requested_by_delete_or_annotation() -> None:
