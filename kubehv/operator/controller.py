@@ -123,7 +123,7 @@ class Controller:
                 await self._patch_vi(vi, patch)
                 await events.apost(
                     self.kube,
-                    vi.to_dict(),
+                    vi,
                     "FailedScheduling",
                     decision.message,
                     type_=events.WARNING,
@@ -138,7 +138,7 @@ class Controller:
         }
         await self._patch_vi(vi, patch)
         await events.apost(
-            self.kube, vi.to_dict(), "Scheduled", decision.message, component="kubehv-controller"
+            self.kube, vi, "Scheduled", decision.message, component="kubehv-controller"
         )
 
     async def _patch_vi(self, vi: api.VirtualInstance, patch: Mapping[str, Any]) -> None:
@@ -188,7 +188,7 @@ class Controller:
             self.remember(self.nodes, api.NodeHypervisor, "MODIFIED", result)
             await events.apost(
                 self.kube,
-                node.to_dict(),
+                node,
                 heartbeat.REASON_NODE,
                 f"no heartbeat from node {name}; its instances are Unknown",
                 type_=events.WARNING,

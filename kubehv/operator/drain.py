@@ -159,7 +159,7 @@ class DrainController:
             "conditions": status.merge_model_conditions(vi.status.conditions, [cond]),
         }
         with contextlib.suppress(k8s.Conflict):
-            await k8s.call(self.store.patch_instance_status, body, new)
+            await k8s.call(self.store.patch_instance_status, vi, new)
 
     async def _set_drained(self, node: api.NodeHypervisor, message: str | None) -> None:
         """message None: not draining (condition removed); "" drained; else what is left."""

@@ -303,11 +303,10 @@ class InstanceActs:
         The phase is the guard: from Evicted the owner starts nothing while the node drains,
         and the controller re-places the instance.
         """
-        st = IL.status_of(subject.vi)
         cond = status.Condition("Evicted", True, REASON_EVICTED, action.message)
         new = {
             "phase": "Evicted",
-            "conditions": status.merge_conditions(st.get("conditions") or [], [cond]),
+            "conditions": status.merge_model_conditions(subject.vi.status.conditions, [cond]),
         }
         try:
             result = await self._guarded(subject, new)
@@ -323,14 +322,13 @@ class InstanceActs:
 
     async def _release_migrating(self, subject: Subject, observed: IL.Observed) -> bool:
         """Phase Migrating and no Migration owns it: show what the hypervisor says."""
-        st = IL.status_of(subject.vi)
         alive = observed.alive
         reason = "MigrationGone"
         message = "no Migration owns the instance any more"
         cond = status.Condition("Migrating", False, reason, message)
         new: dict[str, Any] = {
             "phase": IL.phase_for(subject.vi, observed) if alive else "Failed",
-            "conditions": status.merge_conditions(st.get("conditions") or [], [cond]),
+            "conditions": status.merge_model_conditions(subject.vi.status.conditions, [cond]),
         }
         if not alive:
             ready = status.Condition(
@@ -341,7 +339,9 @@ class InstanceActs:
                 "ended without a record; it is not restarted because it may run on the target. "
                 "Check the other nodes, then change the spec to start it",
             )
-            new["conditions"] = status.merge_conditions(new["conditions"], [ready])
+            new["conditions"] = status.merge_model_conditions(
+                subject.vi.status.conditions, [cond, ready]
+            )
             new["observedGeneration"] = subject.vi.metadata.generation or 0
         try:
             result = await self._guarded(subject, new)
@@ -428,7 +428,7 @@ class InstanceActs:
     ) -> None:
         await events.apost(
             self.kube,
-            subject.vi.to_dict(),
+            subject.vi,
             reason,
             message,
             type_=type_,

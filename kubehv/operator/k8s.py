@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 
+from kubehv import api
 from kubehv.api import constants
 
 GROUP = constants.GROUP
@@ -75,11 +76,6 @@ def _translate(exc: Exception) -> Exception:
     if status == 404:
         return NotFound(str(exc))
     return exc
-
-
-def _guarded(body: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
-    meta = body.get("metadata") or {}
-    return {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": dict(status)}
 
 
 class Kube:
@@ -184,12 +180,12 @@ class Kube:
         return self._patch_status(VI_PLURAL, name, body, namespace)
 
     def patch_instance_status(
-        self, body: Mapping[str, Any], status: Mapping[str, Any]
+        self, vi: api.VirtualInstance, status: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Merge ``status`` into the instance ``body`` was read from, guarded by its version."""
-        meta = body.get("metadata") or {}
-        return self._patch_status(
-            VI_PLURAL, str(meta.get("name")), _guarded(body, status), str(meta.get("namespace"))
+        """Merge ``status`` into the instance ``vi`` was read from, guarded by its version."""
+        meta = vi.metadata
+        return self.patch_vi_status(
+            meta.namespace or "", meta.name or "", status, meta.resource_version or None
         )
 
     def patch_vi(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,14 @@ class MigrationController:
         self._lock = asyncio.Lock()
 
     async def handle(self, body: Mapping[str, Any]) -> None:
-        view = ml.MigrationView.from_body(body)
+        try:
+            view = ml.MigrationView.from_body(body)
+        except ValueError as exc:
+            log.warning("cannot read a Migration (%s); not acting on it", exc)
+            return
+        await self.handle_view(view)
+
+    async def handle_view(self, view: ml.MigrationView) -> None:
         step = ml.next_step(view, ml.Role.CONTROLLER)
         if step is ml.Step.NONE and await self._gone_before_running(view):
             step = ml.Step.ABORT
@@ -71,8 +78,10 @@ class MigrationController:
         """The instance was deleted while nothing irreversible had happened yet."""
         if view.phase not in ml.BEFORE_RUNNING - {ml.Phase.PENDING}:
             return False
-        vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
-        return vi is None or bool((vi.get("metadata") or {}).get("deletionTimestamp"))
+        body = await k8s.call(self.store.get_instance, view.namespace, view.instance)
+        return body is None or bool(
+            api.VirtualInstance.model_validate(body).metadata.deletion_timestamp
+        )
 
     async def _step(self, view: ml.MigrationView, step: ml.Step) -> None:
         if step is ml.Step.NONE and await self._gone_before_running(view):
@@ -171,18 +180,18 @@ class MigrationController:
         """Succeeded: the VirtualInstance now lives on the target (we alone write nodeName)."""
         message = f"instance moved from {view.source_node} to {view.target_node}"
         for _ in range(5):
-            vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
-            if vi is None:
+            body = await k8s.call(self.store.get_instance, view.namespace, view.instance)
+            if body is None:
                 message = "instance was deleted"
                 break
-            status = vi.get("status") or {}
-            if status.get("nodeName") != view.source_node:
+            vi = api.VirtualInstance.model_validate(body)
+            if vi.status.node_name != view.source_node:
                 break
             cond = ml.condition("Migrating", False, "Migrated", message)
             new = {
                 "nodeName": view.target_node,
                 "phase": "Running",
-                "conditions": ml.merged_conditions(status.get("conditions") or [], [cond]),
+                "conditions": ml.merged_conditions(vi.status.conditions, [cond]),
             }
             try:
                 await k8s.call(self.store.patch_instance_status, vi, new)
@@ -204,10 +213,16 @@ class MigrationController:
         except Exception as exc:
             log.warning("cannot list migrations: %s", exc)
             return
-        items.sort(key=lambda b: str((b.get("metadata") or {}).get("creationTimestamp", "")))
+        views = []
         for item in items:
             try:
-                await self.handle(item)
+                views.append(ml.MigrationView.from_body(item))
+            except ValueError as exc:
+                log.warning("cannot read a Migration (%s); skipping it", exc)
+        views.sort(key=lambda v: (v.creation_time or ml.now(), v.name))
+        for view in views:
+            try:
+                await self.handle_view(view)
             except Exception:
                 log.exception("migration controller step failed; will retry")
 

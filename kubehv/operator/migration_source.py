@@ -47,11 +47,11 @@ class SourceRole(roles.Role):
         return float(self.ctx.settings.migration_stall_timeout_s)
 
     async def _target(self, view: ml.MigrationView) -> values.MigrationTarget:
-        spec = await self.node_spec(view.target_node)
+        node = await self.node_object(view.target_node)
         return values.MigrationTarget(
             node=view.target_node or "",
-            address=str(spec.get("migrationAddress") or ""),
-            uri=spec.get("connectionURI") or None,
+            address=node.spec.migration_address or "",
+            uri=node.spec.connection_uri or None,
         )
 
     # --- Scheduled -> Preparing ----------------------------------------------------------
@@ -65,8 +65,7 @@ class SourceRole(roles.Role):
                     view, ml.fail(view, f"instance {spec.name} is not running on node {self.node}")
                 )
                 return
-            target = await k8s.call(self.kube.get_node, view.target_node or "")
-            free = ((target or {}).get("status") or {}).get("memoryFree")
+            free = (await self.node_object(view.target_node)).status.memory_free
             conds: list[api.Condition] = []
             await self.journal(
                 view,
@@ -218,8 +217,8 @@ class SourceRole(roles.Role):
         if current.abort_requested:
             why = "the Migration was deleted" if current.deleting else "abort was requested"
             return why, True
-        vi = await k8s.call(self.kube.get_instance, current.namespace, current.instance)
-        if vi is None or (vi.get("metadata") or {}).get("deletionTimestamp"):
+        body = await k8s.call(self.kube.get_instance, current.namespace, current.instance)
+        if body is None or api.VirtualInstance.model_validate(body).metadata.deletion_timestamp:
             return "the VirtualInstance was deleted", True
         if ml.timed_out(current, ml.now()):
             return (

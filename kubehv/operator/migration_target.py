@@ -31,8 +31,7 @@ class TargetRole(roles.Role):
     async def accept(self, view: ml.MigrationView) -> None:
         try:
             _vi, spec = await self.instance(view)
-            me = await self.node_spec(self.node)
-            address = str(me.get("migrationAddress") or "")
+            address = (await self.node_object(self.node)).spec.migration_address or ""
             await self.journal(view, journal.Role.TARGET, journal.Stage.ACCEPTING, view.source_node)
             await k8s.call(self.driver.accept_instance, spec, view.migration_info, address)
         except errors.HypervisorError as exc:

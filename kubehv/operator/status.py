@@ -76,18 +76,6 @@ def merge_conditions(
     return merge_model_conditions(models, updates, observed_generation, now)
 
 
-def condition(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any] | None:
-    for c in (status or {}).get("conditions") or []:
-        if c.get("type") == type_:
-            return dict(c)
-    return None
-
-
-def condition_true(status: Mapping[str, Any] | None, type_: str) -> bool:
-    c = condition(status, type_)
-    return c is not None and c.get("status") == "True"
-
-
 def changed_fields(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
     """The keys of ``desired`` whose value differs from ``current`` (a merge patch body).
 

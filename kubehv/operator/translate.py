@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubehv import api
-from kubehv.api import metadata, quantity
+from kubehv.api import quantity
 from kubehv.api import virtualinstance as vim
 from kubehv.drivers import values
 
@@ -59,10 +59,8 @@ def typed(vi: api.VirtualInstance | Mapping[str, Any]) -> api.VirtualInstance:
 
 def instance_name(vi: api.VirtualInstance | Mapping[str, Any]) -> str:
     """The hypervisor-level name of ``vi`` (see :func:`hypervisor_name`)."""
-    if isinstance(vi, api.VirtualInstance):
-        return hypervisor_name(vi.metadata.namespace, vi.metadata.name)
-    meta = metadata.ObjectMeta.model_validate(dict(vi).get("metadata") or {})
-    return hypervisor_name(meta.namespace, meta.name)
+    model = typed(vi)
+    return hypervisor_name(model.metadata.namespace, model.metadata.name)
 
 
 def merged_params(
