@@ -286,7 +286,15 @@ class InstanceActs:
         if not subject.vi.spec.console.vnc.enabled or ref is None:
             return None
         ns = subject.namespace
-        secret = await k8s.call(self.kube.read_secret_key, ns, ref.name, ref.key)
+        try:
+            secret = await k8s.call(self.kube.read_secret_key, ns, ref.name, ref.key)
+        except Exception as exc:
+            if k8s.is_status(exc, 403):
+                raise errors.InvalidInstanceSpec(
+                    f"the kubehv agent may not read the VNC password Secret {ref.name!r} in "
+                    f"namespace {ns} (agents may read only Secrets named kubehv-console)"
+                ) from exc
+            raise
         if secret is None:
             raise errors.InvalidInstanceSpec(
                 f"VNC password Secret {ref.name!r} (key {ref.key!r}) not found in namespace {ns}"

@@ -200,8 +200,12 @@ def schedule(
     # One migration per instance: name the Migration already moving it before judging the
     # instance's phase (it reads Migrating while that Migration runs).
     for other in others:
-        if other.uid == migration.uid or other.instance != migration.instance:
-            continue
+        if (
+            other.uid == migration.uid
+            or other.namespace != migration.namespace
+            or other.instance != migration.instance
+        ):
+            continue  # another Migration, or one of a same-named instance elsewhere
         if other.occupies_instance or (
             other.phase is Phase.PENDING and _older(other, migration) and not other.terminal
         ):

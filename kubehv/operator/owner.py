@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import pydantic
@@ -73,6 +73,7 @@ def _rv(obj: api.VirtualInstance | api.Migration) -> int:
 
 
 Model = TypeVar("Model", api.VirtualInstance, api.Migration)
+T = TypeVar("T")
 
 
 def parse(kind: type[Model], body: Mapping[str, Any]) -> Model | None:
@@ -176,6 +177,33 @@ class Owner:
                     log.exception("owner of %s failed; the watcher looks again", key)
         finally:
             slot.running = False
+
+    async def alone(self, key: str, act: Callable[[], Awaitable[T]]) -> T:
+        """Run ``act`` as the owner of ``key``: after any current run, before the next one.
+
+        For loops outside the owner's decision (automatic ballooning) that need one driver
+        action on one instance: nothing else acts on the instance meanwhile.
+        """
+        slot = self.slots.setdefault(key, _Slot())
+        while slot.running:
+            await asyncio.sleep(0.05)
+        slot.running = True
+        try:
+            return await act()
+        finally:
+            slot.running = False
+            if slot.dirty:
+                slot.dirty = False
+                self.poke(key)
+
+    def busy(self, key: str) -> bool:
+        """The owner of ``key`` is acting now (a loop may skip the instance this round)."""
+        slot = self.slots.get(key)
+        return slot is not None and slot.running
+
+    def instances(self) -> dict[str, api.VirtualInstance]:
+        """This node's VirtualInstances as last seen, by ``namespace/name`` (a copy)."""
+        return dict(self.vis)
 
     async def stop(self) -> None:
         for task in list(self.tasks):

@@ -341,6 +341,19 @@ def test_one_active_migration_per_instance() -> None:
     )
 
 
+def test_same_named_instance_elsewhere_does_not_block() -> None:
+    """Found by the kvm fault matrix: instances are namespaced, so is the one-migration rule."""
+    other = ml.MigrationView.from_body(
+        {
+            "metadata": {"name": "m0", "namespace": "elsewhere", "uid": "u0"},
+            "spec": {"instance": "vm1"},
+            "status": {"phase": "Running", "sourceNode": "c", "targetNode": "d"},
+        }
+    )
+    nodes = [node("a"), node("b"), node("c"), node("d")]
+    assert isinstance(sched.schedule(mig(), inst(), nodes, [other], LIMITS), sched.Scheduled)
+
+
 def test_parallel_limits_queue() -> None:
     other = mig("Running", name="m9", uid="u9", source="a", target="c")
     other = ml.MigrationView.from_body(
