@@ -53,17 +53,8 @@ REASON_COMPLETED_ANYWAY = "MigrationCompleted"
 DEFAULT_COMPLETION_TIMEOUT_S = 600
 
 
-class Phase(enum.StrEnum):
-    PENDING = "Pending"
-    SCHEDULED = "Scheduled"
-    PREPARING = "Preparing"
-    TARGET_READY = "TargetReady"
-    RUNNING = "Running"
-    FINALIZING = "Finalizing"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    ABORTED = "Aborted"
-
+Phase = migration_api.Phase
+"""The Migration's phases, as the API defines them (kubehv.api.migration)."""
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.ABORTED})
 UNSUCCESSFUL = frozenset({Phase.FAILED, Phase.ABORTED})
@@ -153,10 +144,7 @@ class MigrationView:
     def of(cls, mig: api.Migration) -> MigrationView:
         """The protocol's view of a typed Migration (the model parsed at the edge)."""
         meta, spec, st = mig.metadata, mig.spec, mig.status
-        try:
-            phase = Phase(st.phase.value) if st.phase is not None else Phase.PENDING
-        except ValueError:
-            phase = Phase.PENDING
+        phase = st.phase if st.phase is not None else Phase.PENDING
         timeout = spec.completion_timeout
         return cls(
             name=meta.name or "",

@@ -29,6 +29,7 @@ import pydantic
 from kubehv import api
 from kubehv.api import constants
 from kubehv.api import virtualinstance as vim
+from kubehv.drivers import values
 from kubehv.operator import (
     context,
     instance_logic,
@@ -261,7 +262,20 @@ class Owner:
         with metrics.timed_driver_call("get_instance_info"):
             domain = await k8s.call(self.driver.get_instance_info, hv_name)
         entry = await k8s.call(journal.load, self.state_dir, hv_name)
-        inputs = ol.Inputs(
+        inputs = self._inputs(key, vi, fresh, mig, domain, entry)
+        view = ml.MigrationView.of(mig) if mig is not None else None
+        return _Look(inputs, view)
+
+    def _inputs(  # noqa: PLR0917 - the decision's inputs, named once
+        self,
+        key: str,
+        vi: api.VirtualInstance | None,
+        fresh: bool,
+        mig: api.Migration | None,
+        domain: values.InstanceInfo | None,
+        entry: journal.Entry | None,
+    ) -> ol.Inputs:
+        return ol.Inputs(
             node=self.node,
             instance=vi,
             fresh=fresh,
@@ -273,8 +287,6 @@ class Owner:
             now=time.time(),
             policy=self.policy,
         )
-        view = ml.MigrationView.of(mig) if mig is not None else None
-        return _Look(inputs, view)
 
     async def _perform(self, key: str, look: _Look, action: ol.Action) -> bool:
         """Do ``action``; True if the owner should look again at once."""
@@ -307,20 +319,17 @@ class Owner:
             if act is Act.CLEANUP_TARGET:  # a journal entry with no Migration left
                 await self.target.cleanup(None, hv_name)
             return
-        if act is Act.PREPARE:
-            await self.source.prepare(view)
-        elif act is Act.MIGRATE:
-            await self.source.migrate(view)
-        elif act is Act.TRACK_COPY:
-            await self.source.track_copy(view)
-        elif act is Act.FINALIZE_SOURCE:
-            await self.source.finalize(view)
-        elif act is Act.CLEANUP_SOURCE:
-            await self.source.cleanup(view)
-        elif act is Act.ACCEPT:
-            await self.target.accept(view)
-        elif act is Act.FINALIZE_TARGET:
-            await self.target.finalize(view)
+        by_view: dict[Act, Callable[[ml.MigrationView], Awaitable[None]]] = {
+            Act.PREPARE: self.source.prepare,
+            Act.MIGRATE: self.source.migrate,
+            Act.TRACK_COPY: self.source.track_copy,
+            Act.FINALIZE_SOURCE: self.source.finalize,
+            Act.CLEANUP_SOURCE: self.source.cleanup,
+            Act.ACCEPT: self.target.accept,
+            Act.FINALIZE_TARGET: self.target.finalize,
+        }
+        if act in by_view:
+            await by_view[act](view)
         elif act is Act.CLEANUP_TARGET:
             await self.target.cleanup(view, hv_name)
         elif act is Act.TAKE_OVER:
@@ -373,18 +382,7 @@ class Owner:
             return True
         namespace, name = key.split("/", 1)
         domain = by_name.get(ol.hypervisor_name(namespace, name))
-        inputs = ol.Inputs(
-            node=self.node,
-            instance=vi,
-            fresh=False,
-            migration=None,
-            domain=domain,
-            journal=None,
-            node_draining=self.draining,
-            history=self.history.setdefault(key, instance_logic.History()),
-            now=time.time(),
-            policy=self.policy,
-        )
+        inputs = self._inputs(key, vi, False, None, domain, None)
         if ol.decide(inputs).act not in (Act.NOTHING, Act.WAIT):
             return True
         observed = instance_logic.Observed(domain)
