@@ -88,10 +88,10 @@ def restart(sim: Sim, node: str) -> None:
         stale=False,
         cache=cache,
         monitor="",
-        aborted=False,
+        abort_by="",
         tracker="",
         evicting=None,
-        memo=None,
+        mcache=None,
     )
     sim.set_node(node, ready="True")
 
@@ -267,9 +267,9 @@ def migration_step(sim: Sim, node: str) -> None:
             return  # the monitor task crashed at its first read
         try:
             sim.hv.start_migration(node, world.other(node))
-            sim.set_agent(node, monitor="drive", aborted=False, tracker="active")
+            sim.set_agent(node, monitor="drive", abort_by="", tracker="active")
         except errors.HypervisorError:
-            sim.set_agent(node, monitor="drive", aborted=False, tracker="failed")
+            sim.set_agent(node, monitor="drive", abort_by="", tracker="failed")
     elif step is S.WATCH:
         if sim.agent(node).monitor:
             return
@@ -277,7 +277,7 @@ def migration_step(sim: Sim, node: str) -> None:
         recovery = ml.recover_running(sim.alive(node), _migration_status(sim, node))
         sim.did += f" -> recover_running: {recovery.value}"
         if recovery is ml.Recovery.RESUME_WATCH:
-            sim.set_agent(node, monitor="watch", aborted=False)
+            sim.set_agent(node, monitor="watch", abort_by="")
         elif recovery is ml.Recovery.COMPLETED:
             sim.patch_mig(ml.transition(view, ml.Phase.FINALIZING))
         else:
@@ -357,15 +357,15 @@ def _monitor_turn(sim: Sim, node: str, agent: world.Agent) -> None:
     current = _mig_view(sim)
     sim.did = f"job {outcome}" if outcome else "poll"
     if outcome is None:
-        if not agent.aborted and (current.abort_requested or ml.timed_out(current, sim.now)):
+        if not agent.abort_by and (current.abort_requested or ml.timed_out(current, sim.now)):
             sim.hv.abort_job(node)
-            sim.set_agent(node, aborted=True, memo="user" if current.abort_requested else "")
+            sim.set_agent(node, abort_by="user" if current.abort_requested else "deadline")
         return
     sim.set_agent(node, monitor="")
-    if outcome == "completed" and not agent.aborted:
+    if outcome == "completed" and not agent.abort_by:
         sim.patch_mig(ml.transition(current, ml.Phase.FINALIZING, {"progress": {"percent": 100}}))
         return
-    _source_failed(sim, node, current, "migration failed or aborted", agent.memo == "user")
+    _source_failed(sim, node, current, "migration failed or aborted", agent.abort_by == "user")
 
 
 # --- agent: drain (operator/drain.py DrainAgent) -----------------------------------------

@@ -86,10 +86,10 @@ def _crash(node: str) -> Step:
         proc="crashed",
         cache=None,
         monitor="",
-        aborted=False,
+        abort_by="",
         tracker="",
         evicting=None,
-        memo=None,
+        mcache=None,
     )
 
 

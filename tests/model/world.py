@@ -127,12 +127,12 @@ class Agent:
     proc: str = "up"  # "up" | "crashed" | "frozen"
     stale: bool = False  # silent for longer than the heartbeat grace
     cache: Obj | None = None  # the instance reconciler's watch cache (status.nodeName=<node>)
+    mcache: Obj | None = None  # the agent's watch cache of the instance's Migration
     monitor: str = ""  # "" | "drive" | "watch": a migration monitor task of this process
-    aborted: bool = False  # the monitor asked libvirt to abort
+    abort_by: str = ""  # the monitor asked libvirt to abort: "" | "user" | "deadline"
     tracker: str = ""  # the driver's in-process migration record: "" active completed failed
     evicting: Obj | None = None  # drain: guest shut down, the Evicted write (on this copy) due
     journal: Frozen = None  # durable journal in the state dir (used by the new code)
-    memo: Frozen = None  # other in-process memory an adapter needs
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -176,7 +176,14 @@ def canonical(state: State) -> State:
     agents = tuple(
         dataclasses.replace(a, cache=re(a.cache), evicting=re(a.evicting)) for a in state.agents
     )
-    mig = state.mig if state.mig is None else dataclasses.replace(state.mig, rv=1)
+    mig_rvs = {m.rv for m in (state.mig, *(a.mcache for a in state.agents)) if m is not None}
+    mrank = {rv: i + 1 for i, rv in enumerate(sorted(mig_rvs))}
+
+    def rm(obj: Obj | None) -> Obj | None:
+        return None if obj is None else dataclasses.replace(obj, rv=mrank[obj.rv])
+
+    agents = tuple(dataclasses.replace(a, mcache=rm(a.mcache)) for a in agents)
+    mig = rm(state.mig)
     return dataclasses.replace(
         state,
         vi=re(state.vi),
