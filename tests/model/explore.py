@@ -152,11 +152,26 @@ def _late(sim: Sim) -> None:
     sim.state = dataclasses.replace(sim.state, late=True)
 
 
-def world_steps(state: world.State) -> list[tuple[str, Step]]:
-    """What happens without any fault: jobs end on their own, watches catch up."""
+def _deliver_migration(node: str) -> Step:
+    def step(sim: Sim) -> None:
+        sim.set_agent(node, mcache=sim.mig)
+
+    return step
+
+
+def world_steps(state: world.State, adapter: ModuleType) -> list[tuple[str, Step]]:
+    """What happens without any fault: watches catch up, one event at a time."""
     out: list[tuple[str, Step]] = []
     for i, node in enumerate(NODES):
         agent = state.agents[i]
+        mig = state.mig
+        if (
+            agent.proc == "up"
+            and getattr(adapter, "WATCHES_MIGRATIONS", False)
+            and agent.mcache != mig
+            and (mig is None or node in (mig.stat("sourceNode"), mig.stat("targetNode")))
+        ):
+            out.append((f"{node}: watch delivers the Migration", _deliver_migration(node)))
         if agent.proc == "up":
             wanted = (
                 state.vi if state.vi is not None and state.vi.stat("nodeName") == node else None
@@ -230,7 +245,7 @@ def successors(
     can_fault = state.faults < scenario.budget
     plain = [
         *adapter.steps(state),
-        *world_steps(state),
+        *world_steps(state, adapter),
         *job_steps(state),
         *recovery_steps(state, adapter),
     ]
@@ -290,7 +305,7 @@ def settle(
         if bad:
             result = (state, (), bad)
             break
-        options = [*world_steps(state), *recovery_steps(state, adapter), *adapter.steps(state)]
+        options = [*world_steps(state, adapter), *recovery_steps(state, adapter), *adapter.steps(state)]
         options += [
             (label, fn) for label, fn in job_steps(state) if ("completes" in label) == job_ok
         ]

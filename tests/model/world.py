@@ -162,34 +162,43 @@ def put(seq: tuple[Any, Any], node: str, value: Any) -> tuple[Any, Any]:
 def canonical(state: State) -> State:
     """Renumber resourceVersions by rank (only equality and order of them matter)."""
     vi_rvs: set[int] = set()
-    for obj in (state.vi, state.ctl_cache, *(a.cache for a in state.agents)):
+    mig_rvs: set[int] = set()
+    for obj in (state.vi, state.ctl_cache):
         if obj is not None:
             vi_rvs.add(obj.rv)
     for a in state.agents:
-        if a.evicting is not None:
-            vi_rvs.add(a.evicting.rv)
+        for obj in (a.cache, a.evicting):
+            if obj is not None:
+                vi_rvs.add(obj.rv)
+        if a.mcache is not None:
+            mig_rvs.add(a.mcache.rv)
+    if state.mig is not None:
+        mig_rvs.add(state.mig.rv)
     rank = {rv: i + 1 for i, rv in enumerate(sorted(vi_rvs))}
+    mrank = {rv: i + 1 for i, rv in enumerate(sorted(mig_rvs))}
+    if all(k == v for k, v in rank.items()) and all(k == v for k, v in mrank.items()):
+        return state
 
-    def re(obj: Obj | None) -> Obj | None:
-        return None if obj is None else dataclasses.replace(obj, rv=rank[obj.rv])
+    def re(obj: Obj | None, ranks: dict[int, int]) -> Obj | None:
+        if obj is None or ranks[obj.rv] == obj.rv:
+            return obj
+        return dataclasses.replace(obj, rv=ranks[obj.rv])
 
     agents = tuple(
-        dataclasses.replace(a, cache=re(a.cache), evicting=re(a.evicting)) for a in state.agents
+        dataclasses.replace(
+            a,
+            cache=re(a.cache, rank),
+            evicting=re(a.evicting, rank),
+            mcache=re(a.mcache, mrank),
+        )
+        for a in state.agents
     )
-    mig_rvs = {m.rv for m in (state.mig, *(a.mcache for a in state.agents)) if m is not None}
-    mrank = {rv: i + 1 for i, rv in enumerate(sorted(mig_rvs))}
-
-    def rm(obj: Obj | None) -> Obj | None:
-        return None if obj is None else dataclasses.replace(obj, rv=mrank[obj.rv])
-
-    agents = tuple(dataclasses.replace(a, mcache=rm(a.mcache)) for a in agents)
-    mig = rm(state.mig)
     return dataclasses.replace(
         state,
-        vi=re(state.vi),
-        ctl_cache=re(state.ctl_cache),
+        vi=re(state.vi, rank),
+        ctl_cache=re(state.ctl_cache, rank),
         agents=(agents[0], agents[1]),
-        mig=mig,
+        mig=re(state.mig, mrank),
     )
 
 
