@@ -121,49 +121,57 @@ class Controller:
         )
 
     async def _patch_vi(self, vi: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
-        meta = vi.get("metadata") or {}
+        """A status write guarded by the resourceVersion ``vi`` was read at: a hand-off
+        (placement, Unknown) must lose to any newer write, never overwrite it."""
         try:
-            result = await k8s.call(
-                self.kube.patch_vi_status, meta.get("namespace"), meta.get("name"), patch
-            )
-        except Exception as exc:
-            if k8s.is_status(exc, 404):
-                return
-            raise
+            result = await k8s.call(self.kube.patch_instance_status, vi, patch)
+        except (k8s.NotFound, k8s.Conflict):
+            return  # gone, or changed meanwhile: the watch brings the newer object
         self.remember(self.vis, "MODIFIED", result)
 
     # --- timers --------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Retry waiting placements; mark silent nodes and their instances."""
+        """Retry waiting placements; mark silent nodes and their instances.
+
+        One object's failure is logged and skipped: the others still get their turn."""
         for uid, vi in list(self.vis.items()):
             if _unplaced(vi):
-                await self.place(uid)
+                try:
+                    await self.place(uid)
+                except Exception:
+                    log.exception("placement of %s failed; will retry", uid)
+        for nhv in list(self.nodes.values()):
+            try:
+                await self._check_heartbeat(nhv)
+            except Exception:
+                log.exception("heartbeat check of a node failed; will retry")
+
+    async def _check_heartbeat(self, nhv: Mapping[str, Any]) -> None:
         now = datetime.datetime.now(datetime.UTC)
         grace = self.ctx.settings.heartbeat_grace_s
-        for nhv in list(self.nodes.values()):
-            node = placement.NodeView.of(nhv)
-            if not heartbeat.is_stale(node, now, grace):
+        node = placement.NodeView.of(nhv)
+        if not heartbeat.is_stale(node, now, grace):
+            return
+        patch = heartbeat.node_status_patch(nhv, now, grace)
+        if patch:
+            log.warning("node %s: heartbeat lost", node.name)
+            result = await k8s.call(self.kube.patch_node_status, node.name, patch)
+            self.remember(self.nodes, "MODIFIED", result)
+            await events.apost(
+                self.kube,
+                nhv,
+                heartbeat.REASON_NODE,
+                f"no heartbeat from node {node.name}; its instances are Unknown",
+                type_=events.WARNING,
+                component="kubehv-controller",
+            )
+        for vi in list(self.vis.values()):
+            if (vi.get("status") or {}).get("nodeName") != node.name:
                 continue
-            patch = heartbeat.node_status_patch(nhv, now, grace)
-            if patch:
-                log.warning("node %s: heartbeat lost", node.name)
-                result = await k8s.call(self.kube.patch_nhv_status, node.name, patch)
-                self.remember(self.nodes, "MODIFIED", result)
-                await events.apost(
-                    self.kube,
-                    nhv,
-                    heartbeat.REASON_NODE,
-                    f"no heartbeat from node {node.name}; its instances are Unknown",
-                    type_=events.WARNING,
-                    component="kubehv-controller",
-                )
-            for vi in list(self.vis.values()):
-                if (vi.get("status") or {}).get("nodeName") != node.name:
-                    continue
-                vpatch = heartbeat.instance_status_patch(vi, node.name)
-                if vpatch:
-                    await self._patch_vi(vi, vpatch)
+            vpatch = heartbeat.instance_status_patch(vi, node.name)
+            if vpatch:
+                await self._patch_vi(vi, vpatch)
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}

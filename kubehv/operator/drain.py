@@ -7,8 +7,12 @@ Migration protocol (limits, version checks, failure handling, abort) is the only
 * ``LiveMigrate`` -> a live Migration, ``Migrate`` -> a non-live Migration, created by the
   controller with a deterministic name (``drain-<instance>``) and the label
   ``kubehv.io/drain=<node>``; the controller's parallel limits queue them.
-* ``Stop`` -> the node's own agent stops the VM (only it can), marks the instance Evicted;
-  the controller then clears ``status.nodeName`` so placement starts it cold elsewhere.
+* ``Stop`` -> the owner of the instance on the node stops the VM (only it can), after
+  marking the instance Evicted; the controller then clears ``status.nodeName`` so placement
+  starts it cold elsewhere.
+* an instance that runs nowhere (Stopped, Failed, Evicted) needs no migration whatever its
+  policy: the controller clears ``status.nodeName`` (guarded by resourceVersion) and
+  placement re-places it (a Stopped one stays stopped on its new node).
 
 Progress is the NodeHypervisor condition ``Drained`` (False with what is left, then True).
 """
@@ -23,14 +27,15 @@ from typing import Any
 
 import kopf
 
+from kubehv.operator import k8s
 from kubehv.operator import migration_logic as ml
-from kubehv.operator import migration_spec, migration_store
 
 log = logging.getLogger(__name__)
 
 COND_DRAINED = "Drained"
 PHASE_EVICTED = "Evicted"
-STOP_TIMEOUT_S = 30.0
+NOT_RUNNING = frozenset({PHASE_EVICTED, "Stopped", "Failed"})
+"""Phases in which no guest runs on the node: the instance is re-placed, not migrated."""
 RESYNC_INTERVAL_S = 3.0
 
 
@@ -68,13 +73,13 @@ def plan(
     failed: list[str] = []
     by_name = {(m.namespace, m.name): m for m in migrations}
     for inst in on_node:
-        if inst.eviction_policy == "Stop":
-            if inst.phase in (PHASE_EVICTED, "Stopped"):
-                to_replace.append(inst)
-            else:
-                waiting_stop.append(inst.name)
-            continue
         if (inst.namespace, inst.name) in busy:
+            continue
+        if inst.phase in NOT_RUNNING:
+            to_replace.append(inst)  # nothing runs: no migration needed, place it elsewhere
+            continue
+        if inst.eviction_policy == "Stop":
+            waiting_stop.append(inst.name)
             continue
         existing = by_name.get((inst.namespace, drain_migration_name(inst.name, node)))
         if existing is not None and existing.phase in ml.UNSUCCESSFUL:
@@ -93,7 +98,7 @@ def plan(
 
 class DrainController:
     def __init__(self, ctx: Any) -> None:
-        self.store = migration_store.Store(ctx.api_client)
+        self.store = k8s.Kube(ctx.api_client)
 
     async def reconcile_node(self, body: Mapping[str, Any]) -> None:
         node = ml.NodeView.from_body(body)
@@ -105,31 +110,30 @@ class DrainController:
             return
         instances = [
             ml.InstanceView.from_body(b)
-            for b in await migration_store.call(
-                self.store.list_instances, f"status.nodeName={node.name}"
-            )
+            for b in await k8s.call(self.store.list_instances, f"status.nodeName={node.name}")
         ]
         migrations = [
-            ml.MigrationView.from_body(b)
-            for b in await migration_store.call(self.store.list_migrations)
+            ml.MigrationView.from_body(b) for b in await k8s.call(self.store.list_migrations)
         ]
         to_migrate, to_replace, message = plan(node.name, instances, migrations)
         for inst in to_migrate:
             try:
-                await migration_store.call(
+                await k8s.call(
                     self.store.create_migration, inst.namespace, drain_migration(inst, node.name)
                 )
                 log.info("drain %s: created Migration for %s", node.name, inst.name)
-            except migration_store.Conflict:
+            except k8s.Conflict:
                 pass  # exists already
             except Exception as exc:  # e.g. 403 in a terminating namespace: the others still count
                 log.warning(
                     "drain %s: cannot create Migration for %s: %s", node.name, inst.name, exc
                 )
         for inst in to_replace:
-            vi = await migration_store.call(self.store.get_instance, inst.namespace, inst.name)
-            if vi is None or (vi.get("status") or {}).get("nodeName") != node.name:
-                continue
+            vi = await k8s.call(self.store.get_instance, inst.namespace, inst.name)
+            current = (vi or {}).get("status") or {}
+            if current.get("nodeName") != node.name or current.get("phase") not in NOT_RUNNING:
+                continue  # moved or started meanwhile: the next pass looks again
+            assert vi is not None
             cond = ml.condition("Evicted", True, "NodeDrained", f"stopped on {node.name}")
             new = {
                 "nodeName": None,
@@ -139,9 +143,11 @@ class DrainController:
                 ),
             }
             try:
-                await migration_store.call(self.store.patch_instance_status, vi, new)
-            except migration_store.Conflict:
+                await k8s.call(self.store.patch_instance_status, vi, new)
+            except k8s.Conflict:
                 continue
+            except Exception as exc:  # one instance must not stop the others
+                log.warning("drain %s: cannot re-place %s: %s", node.name, inst.name, exc)
         await self._set_drained(node.name, status, message)
 
     async def _set_drained(self, node: str, status: Mapping[str, Any], message: str | None) -> None:
@@ -165,11 +171,11 @@ class DrainController:
             ):
                 return
             conds = ml.merged_conditions(existing, [cond])
-        await migration_store.call(self.store.patch_node_status, node, {"conditions": conds})
+        await k8s.call(self.store.patch_node_status, node, {"conditions": conds})
 
     async def resync(self) -> None:
         try:
-            nodes = await migration_store.call(self.store.list_nodes)
+            nodes = await k8s.call(self.store.list_nodes)
         except Exception as exc:
             log.warning("cannot list nodes: %s", exc)
             return
@@ -181,42 +187,6 @@ class DrainController:
                     log.exception("drain of %s failed; will retry", node)
 
 
-class DrainAgent:
-    """The node's part: stop instances with evictionPolicy Stop while the node drains."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.store = migration_store.Store(ctx.api_client)
-
-    async def reconcile(self) -> None:
-        node = await migration_store.call(self.store.get_node, self.ctx.node_name)
-        if node is None or not (node.get("spec") or {}).get("drain"):
-            return
-        items = await migration_store.call(
-            self.store.list_instances, f"status.nodeName={self.ctx.node_name}"
-        )
-        for vi in items:
-            inst = ml.InstanceView.from_body(vi)
-            if inst.eviction_policy != "Stop" or inst.phase in (PHASE_EVICTED, "Stopped"):
-                continue
-            spec = migration_spec.instance_spec(vi)
-            await migration_store.call(self.ctx.driver.shutdown_instance, spec, STOP_TIMEOUT_S)
-            try:
-                await migration_store.call(self.ctx.driver.cleanup_instance, spec.name)
-            except Exception as exc:
-                log.warning("cleanup of %s after eviction: %s", spec.name, exc)
-            cond = ml.condition("Evicted", True, "NodeDrained", f"stopped: {self.ctx.node_name}")
-            status = vi.get("status") or {}
-            new = {
-                "phase": PHASE_EVICTED,
-                "conditions": ml.merged_conditions(status.get("conditions") or [], [cond]),
-            }
-            try:
-                await migration_store.call(self.store.patch_instance_status, vi, new)
-            except migration_store.Conflict:
-                continue
-
-
 def register(registry: kopf.OperatorRegistry, ctx: Any) -> None:
     """Controller side: watch NodeHypervisors for spec.drain."""
     drain = DrainController(ctx)
@@ -226,12 +196,6 @@ def register(registry: kopf.OperatorRegistry, ctx: Any) -> None:
         await drain.reconcile_node(dict(body))
 
     _periodic(registry, "drain-controller", drain.resync)
-
-
-def register_agent(registry: kopf.OperatorRegistry, ctx: Any) -> None:
-    """Agent side: stop the Stop-policy instances of this node while it drains."""
-    agent = DrainAgent(ctx)
-    _periodic(registry, "drain-agent", agent.reconcile)
 
 
 def _periodic(registry: kopf.OperatorRegistry, name: str, fn: Any) -> None:

@@ -62,7 +62,7 @@ def post(
         reporting_component=component,
     )
     try:
-        kube.core.create_namespaced_event(namespace, event)
+        kube.core.create_namespaced_event(namespace, event, _request_timeout=k8s.REQUEST_TIMEOUT)
     except Exception as exc:  # best effort: an Event must never break a reconcile
         log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
 

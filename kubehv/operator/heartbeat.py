@@ -46,7 +46,9 @@ def node_status_patch(
 def instance_status_patch(vi: Mapping[str, Any], node: str) -> dict[str, Any]:
     """The VirtualInstance status patch for an instance of a silent node ({} when marked)."""
     st = vi.get("status") or {}
-    if st.get("phase") in ("Unknown", "Stopped", "Failed"):
+    if st.get("phase") in ("Unknown", "Stopped", "Failed", "Migrating"):
+        # Migrating: the Migration owns the instance and says where it is (the source's
+        # silence is handled by the migration's own deadline), so its phase is left alone.
         return {}
     cond = status.Condition(
         "Ready",

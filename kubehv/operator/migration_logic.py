@@ -3,8 +3,9 @@
 Why this module exists: a migration is a hand-off between three processes (controller, source
 agent, target agent) that may each die at any moment. Keeping every decision here, free of
 kopf, Kubernetes clients and drivers, lets the whole state machine be unit-tested without a
-server, and makes the kopf handlers in :mod:`migration_agent` / :mod:`migration_controller`
-thin: read the object, ask :func:`next_step`, do that one step, write the status guarded by
+server, and makes the acting modules (:mod:`migration_source`, :mod:`migration_target`,
+:mod:`migration_controller`) thin: read the object, ask :func:`next_step`, do that one step,
+write the status guarded by
 ``metadata.resourceVersion`` (so a concurrent writer gets 409 and re-reads: one winner).
 
 The order is Ganeti's::
@@ -29,6 +30,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from kubehv import api
+from kubehv.api import migration as migration_api
 from kubehv.drivers import values
 from kubehv.operator import status as status_mod
 
@@ -81,7 +84,7 @@ class Step(enum.StrEnum):
     PREPARE = "Prepare"  # source: migration_info, Scheduled -> Preparing
     ACCEPT = "Accept"  # target: accept_instance, Preparing -> TargetReady
     MIGRATE = "Migrate"  # source: claim Running, then migrate_instance
-    WATCH = "Watch"  # source: a Running migration this process does not drive (restart)
+    TRACK_COPY = "TrackCopy"  # source: follow a Running copy (after a restart: recover it)
     ABORT = "Abort"  # controller: abort requested before Running -> Aborted
     TIME_OUT = "TimeOut"  # controller: stuck before Running past completionTimeout -> Failed
     FINALIZE_TARGET = "FinalizeTarget"  # target: finalize_migration_dst(True)
@@ -183,6 +186,40 @@ class MigrationView:
             failure_reason=str(status.get("failureReason") or ""),
         )
 
+    @classmethod
+    def of(cls, mig: api.Migration) -> MigrationView:
+        """The protocol's view of a typed Migration (the model parsed at the edge)."""
+        meta, spec, st = mig.metadata, mig.spec, mig.status
+        try:
+            phase = Phase(st.phase.value) if st.phase is not None else Phase.PENDING
+        except ValueError:
+            phase = Phase.PENDING
+        timeout = spec.completion_timeout
+        return cls(
+            name=meta.name or "",
+            namespace=meta.namespace or "",
+            uid=meta.uid or "",
+            resource_version=meta.resource_version or "",
+            instance=spec.instance,
+            requested_target=spec.target_node or None,
+            live=spec.mode is not migration_api.Mode.NON_LIVE,
+            bandwidth_mib_s=spec.bandwidth,
+            max_downtime_ms=spec.max_downtime,
+            completion_timeout_s=timeout if timeout > 0 else DEFAULT_COMPLETION_TIMEOUT_S,
+            allow_unsafe_version_pair=spec.allow_unsafe_version_pair,
+            phase=phase,
+            source_node=st.source_node or None,
+            target_node=st.target_node or None,
+            migration_info=st.migration_info or "",
+            start_time=status_mod.parse_time(st.start_time),
+            creation_time=status_mod.parse_time(meta.creation_timestamp),
+            conditions={c.type: c.model_dump(mode="json", by_alias=True) for c in st.conditions},
+            deleting=bool(meta.deletion_timestamp),
+            abort_annotated=meta.annotations.get(ABORT_ANNOTATION, "").lower() == "true",
+            finalizers=tuple(meta.finalizers),
+            failure_reason=st.failure_reason or "",
+        )
+
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -252,7 +289,7 @@ def next_step(view: MigrationView, role: Role, moment: datetime.datetime | None 
         if phase is Phase.TARGET_READY and not view.abort_requested:
             return Step.MIGRATE
         if phase is Phase.RUNNING:
-            return Step.WATCH
+            return Step.TRACK_COPY
         if phase is Phase.FINALIZING and view.condition_true(COND_TARGET_FINALIZED):
             return Step.FINALIZE_SOURCE
         if (
@@ -439,6 +476,7 @@ class InstanceView:
     memory_max_mib: int
     actual_memory_mib: int | None
     eviction_policy: str
+    deleting: bool = False
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> InstanceView:
@@ -458,6 +496,7 @@ class InstanceView:
             memory_max_mib=mem_max,
             actual_memory_mib=parse_mib(status.get("actualMemory")),
             eviction_policy=str(spec.get("evictionPolicy") or "LiveMigrate"),
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
     @property
@@ -594,8 +633,8 @@ def schedule(
     limits: Limits,
 ) -> Decision:
     """The controller's Pending decision: Scheduled, Refused (-> Failed) or Queued (wait)."""
-    if instance is None:
-        return Refused(f"VirtualInstance {migration.instance} does not exist")
+    if instance is None or instance.deleting:
+        return Refused(f"VirtualInstance {migration.instance} does not exist (or is being deleted)")
     if instance.node_name is None:
         return Refused(f"VirtualInstance {instance.name} is not placed on any node")
     # One migration per instance: name the Migration already moving it before judging the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kubehv.drivers import base, values
@@ -86,23 +86,30 @@ def build_status(  # noqa: PLR0917
 def ensure_node(kube: k8s.Kube, body: Mapping[str, Any]) -> dict[str, Any]:
     """Get this node's NodeHypervisor, creating it from ``body`` when missing (blocking)."""
     name = body["metadata"]["name"]
-    existing = kube.get_nhv(name)
+    existing = kube.get_node(name)
     if existing is not None:
         return existing
     try:
-        return kube.create_nhv(body)
+        return kube.create_node(body)
     except Exception as exc:
         if k8s.is_status(exc, 409):
-            again = kube.get_nhv(name)
+            again = kube.get_node(name)
             if again is not None:
                 return again
         raise
 
 
 class Publisher:
-    def __init__(self, ctx: context.AgentContext) -> None:
+    def __init__(
+        self,
+        ctx: context.AgentContext,
+        known_instances: Callable[[], set[str]] = set,
+    ) -> None:
         self.ctx = ctx
         self.current: dict[str, Any] = {}
+        self.known_instances = known_instances
+        """Hypervisor names kubehv has a reason to run here; any other of its domains is
+        an orphan too (for example a guest left behind by a force-deleted instance)."""
 
     def _collect(self) -> tuple[values.NodeInfo, values.VerifyResult, int, list[str]]:
         drv = self.ctx.driver
@@ -111,16 +118,18 @@ class Publisher:
         with metrics.timed_driver_call("verify"):
             verify = drv.verify()
         with metrics.timed_driver_call("list_instances"):
-            count = len(drv.list_instances())
+            ours = drv.list_instances()
         with metrics.timed_driver_call("list_foreign_instances"):
             orphans = drv.list_foreign_instances()
-        return info, verify, count, orphans
+        known = self.known_instances()
+        orphans = sorted({*orphans, *(name for name in ours if name not in known)})
+        return info, verify, len(ours), orphans
 
     def beat(self) -> None:
         """One heartbeat (blocking): read the node, write status, refresh the defaults."""
         node = self.ctx.node_name
         if not self.current:
-            self.current = self.ctx.kube.get_nhv(node) or {}
+            self.current = self.ctx.kube.get_node(node) or {}
         info, verify, count, orphans = self._collect()
         generation = int((self.current.get("metadata") or {}).get("generation") or 0)
         new = build_status(
@@ -134,7 +143,7 @@ class Publisher:
             status.now_iso(),
         )
         patch = status.changed_fields(self.current.get("status") or {}, new)
-        result = self.ctx.kube.patch_nhv_status(node, patch)
+        result = self.ctx.kube.patch_node_status(node, patch)
         self.current = result if isinstance(result, dict) else {}
         spec = self.current.get("spec") or {}
         self.ctx.node_defaults = dict(spec.get("defaultParameters") or {})

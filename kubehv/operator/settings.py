@@ -30,7 +30,7 @@ class AgentSettings:
     kubeconfig: str | None = None
     driver_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     policy: instance_logic.Policy = dataclasses.field(default_factory=instance_logic.Policy)
-    # read by the migration modules (kubehv.operator.migration_agent)
+    # read by the source role of a migration (kubehv.operator.migration_source)
     migration_stall_timeout_s: float = 60.0
     migration_progress_interval_s: float = 0.5
 

@@ -86,7 +86,7 @@ S, T, C = ml.Role.SOURCE, ml.Role.TARGET, ml.Role.CONTROLLER
         ("Scheduled", [], {C: ml.Step.NONE, S: ml.Step.PREPARE, T: ml.Step.NONE}),
         ("Preparing", [], {C: ml.Step.NONE, S: ml.Step.NONE, T: ml.Step.ACCEPT}),
         ("TargetReady", [], {C: ml.Step.NONE, S: ml.Step.MIGRATE, T: ml.Step.NONE}),
-        ("Running", [], {C: ml.Step.NONE, S: ml.Step.WATCH, T: ml.Step.NONE}),
+        ("Running", [], {C: ml.Step.NONE, S: ml.Step.TRACK_COPY, T: ml.Step.NONE}),
         ("Finalizing", [], {C: ml.Step.NONE, S: ml.Step.NONE, T: ml.Step.FINALIZE_TARGET}),
         (
             "Finalizing",
@@ -119,7 +119,7 @@ def test_abort_before_running_is_the_controllers() -> None:
         assert ml.next_step(view, T, T0) is ml.Step.NONE
     running = mig("Running", source="a", target="b", deleting=True, start=T0)
     assert ml.next_step(running, C, T0) is ml.Step.NONE
-    assert ml.next_step(running, S, T0) is ml.Step.WATCH
+    assert ml.next_step(running, S, T0) is ml.Step.TRACK_COPY
 
 
 def test_timeout_before_running_only() -> None:
