@@ -27,7 +27,15 @@ import pydantic
 
 from kubehv import api
 from kubehv.drivers import errors, values
-from kubehv.operator import drain, heartbeat, instance_logic, journal, k8s, placement
+from kubehv.operator import (
+    drain,
+    heartbeat,
+    instance_logic,
+    instances,
+    journal,
+    k8s,
+    placement,
+)
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import owner_logic as ol
 from kubehv.operator import status as st
@@ -38,14 +46,11 @@ from tests.model.world import NODES, Conflict, NotFound, Obj
 IL = instance_logic
 Act = ol.Act
 POLICY = IL.Policy()
-NOW_S = T0_TIME.timestamp()
 Step = Callable[[Sim], None]
 WATCHES_MIGRATIONS = True
 """The owner decides on its watch cache of the instance's Migration too (owner.migrations)."""
 FAILED_STEP = (Conflict, NotFound, errors.HypervisorError, ValueError)
 """What the glue raises and its callers log (the owner's ``_drive``, resync loops)."""
-NOT_RUNNING = getattr(drain, "NOT_RUNNING", frozenset({"Evicted", "Stopped", "Failed"}))
-CLAIM_BEFORE_START = {"Stopped", "Failed", "Evicted", "Pending"}
 
 
 def _run(fn: Step) -> Step:
@@ -180,17 +185,15 @@ def _entry(sim: Sim, node: str) -> journal.Entry | None:
     if raw is None:
         return None
     uid, role, stage, key = raw
-    fields: dict[str, Any] = {
-        "instance": world.DOMAIN,
-        "migration_uid": uid,
-        "migration": key,
-        "role": journal.Role(role),
-        "stage": journal.Stage(stage),
-        "peer": world.other(node),
-    }
-    if "vi" in {f.name for f in dataclasses.fields(journal.Entry)}:
-        fields["vi"] = f"{world.NAMESPACE}/{world.INSTANCE}"
-    return journal.Entry(**fields)
+    return journal.Entry(
+        instance=world.DOMAIN,
+        migration_uid=uid,
+        migration=key,
+        role=journal.Role(role),
+        stage=journal.Stage(stage),
+        peer=world.other(node),
+        vi=f"{world.NAMESPACE}/{world.INSTANCE}",
+    )
 
 
 # --- the owner (operator/owner.py) -------------------------------------------------------
@@ -313,7 +316,7 @@ def _refresh(sim: Sim, node: str, vi: api.VirtualInstance, observed: IL.Observed
         _write(sim, node, vi, IL.desired_status(vi, observed))
 
 
-def _instance_act(  # noqa: PLR0917
+def _instance_act(
     sim: Sim,
     node: str,
     vi: api.VirtualInstance,
@@ -339,7 +342,7 @@ def _instance_act(  # noqa: PLR0917
             _remember(sim, node, result)
         return
     if act in (Act.START, Act.RESTART):
-        if (vi.status.phase.value if vi.status.phase else "Pending") in CLAIM_BEFORE_START:
+        if vi.status.phase in instances.CLAIM_BEFORE_START:
             try:
                 body = _guarded(sim, node, body, {"phase": "Starting"})
             except Conflict:
@@ -548,7 +551,7 @@ def _migration_act(
     elif act is Act.FAIL_NOT_ARRIVED:
         _finish(sim, view, message, _done(ml.COND_TARGET_FINALIZED))
         _forget(sim, node, view)
-    elif act is getattr(Act, "ABANDON", None):
+    elif act is Act.ABANDON:
         _abandon(sim, node, view, message)
 
 
@@ -577,9 +580,7 @@ def _completed(sim: Sim, view: ml.MigrationView) -> None:
             view = _reread(sim)
 
 
-def _source_failed(
-    sim: Sim, node: str, view: ml.MigrationView, reason: str, aborted: bool
-) -> None:
+def _source_failed(sim: Sim, node: str, view: ml.MigrationView, reason: str, aborted: bool) -> None:
     with contextlib.suppress(errors.HypervisorError):
         _finalize_src(sim, node, False)
     _set_instance_migrating(sim, node, False, "MigrationFailed")
@@ -613,9 +614,7 @@ def _follow_turn(sim: Sim, node: str) -> None:
     if agent.abort_by:
         return
     vi = sim.get_vi()
-    if current.abort_requested or vi is None or (vi.get("metadata") or {}).get(
-        "deletionTimestamp"
-    ):
+    if current.abort_requested or vi is None or (vi.get("metadata") or {}).get("deletionTimestamp"):
         by = "user"
     elif ml.timed_out(current, sim.now):
         by = "deadline"
@@ -651,11 +650,12 @@ def place(sim: Sim) -> None:
     if cached is None or cached.deleting or cached.stat("nodeName"):
         return
     vi = vi_body(cached)
-    nodes = []
-    for n in (placement.NodeView.of(b) for b in sim.node_bodies()):
-        if heartbeat.is_stale(n, T0_TIME, GRACE_S):
-            n = dataclasses.replace(n, ready=False, ready_reason="HeartbeatLost")
-        nodes.append(n)
+    nodes = [
+        dataclasses.replace(n, ready=False, ready_reason="HeartbeatLost")
+        if heartbeat.is_stale(n, T0_TIME, GRACE_S)
+        else n
+        for n in (placement.NodeView.of(b) for b in sim.node_bodies())
+    ]
     assigned = [a for a in [placement.assigned_of(vi)] if a is not None]
     decision = placement.choose(placement.Request.of(vi), nodes, assigned)
     current = vi.get("status") or {}
@@ -773,7 +773,10 @@ def drain_controller(sim: Sim) -> None:
         for _inst in to_replace:
             vi = sim.get_vi()
             current = (vi or {}).get("status") or {}
-            if current.get("nodeName") != node.name or current.get("phase") not in NOT_RUNNING:
+            if (
+                current.get("nodeName") != node.name
+                or current.get("phase") not in drain.NOT_RUNNING
+            ):
                 continue
             assert vi is not None
             cond = ml.condition("Evicted", True, "NodeDrained", f"stopped on {node.name}")

@@ -282,13 +282,15 @@ def settle(
     state: world.State,
     adapter: ModuleType,
     job_ok: bool,
-    memo: dict[tuple[world.State, bool], SettleResult] | None = None,
+    memo: dict[tuple[world.State, bool, bool], SettleResult] | None = None,
+    lazy: bool = False,
 ) -> SettleResult:
     """Run without faults until nothing changes; (final state, steps, violations).
 
-    The schedule is fixed (watches catch up first, then agents come back, then actors in
-    the adapter's order, the migration job ending — as ``job_ok`` says — only when nothing
-    else moves), so the outcome is a function of the state and is memoised in ``memo``.
+    The schedule is fixed (watches catch up first — or, ``lazy``, only when nothing else
+    moves, so actors decide on caches as old as they can be —, then agents come back, then
+    actors in the adapter's order, the migration job ending — as ``job_ok`` says — only
+    when nothing else moves), so the outcome is a function of the state and is memoised.
     """
     memo = {} if memo is None else memo
     visited: list[world.State] = []
@@ -296,7 +298,7 @@ def settle(
     late_tried = state.late
     result: SettleResult | None = None
     for _ in range(SETTLE_STEPS):
-        known = memo.get((state, job_ok))
+        known = memo.get((state, job_ok, lazy))
         if known is not None:
             result = known
             break
@@ -305,7 +307,9 @@ def settle(
         if bad:
             result = (state, (), bad)
             break
-        options = [*world_steps(state, adapter), *recovery_steps(state, adapter), *adapter.steps(state)]
+        watches = world_steps(state, adapter)
+        options = [*recovery_steps(state, adapter), *adapter.steps(state)]
+        options = [*options, *watches] if lazy else [*watches, *options]
         options += [
             (label, fn) for label, fn in job_steps(state) if ("completes" in label) == job_ok
         ]
@@ -331,7 +335,7 @@ def settle(
     final, tail, bad = result
     path = tuple(steps) + tail
     for i, seen in enumerate(visited):
-        memo[(seen, job_ok)] = (final, path[i:], bad)
+        memo[(seen, job_ok, lazy)] = (final, path[i:], bad)
     return final, path, bad
 
 
@@ -360,7 +364,7 @@ def explore(scenario: Scenario, adapter: ModuleType, depth: int | None = None) -
     parents: dict[world.State, tuple[world.State, str] | None] = {init: None}
     found: dict[tuple[str, str], Violation] = {}
     settled = 0
-    memo: dict[tuple[world.State, bool], SettleResult] = {}
+    memo: dict[tuple[world.State, bool, bool], SettleResult] = {}
 
     def record(inv: str, message: str, trace: list[tuple[str, world.State]]) -> None:
         faults = tuple(label for label, _ in trace if label.startswith("FAULT"))

@@ -78,6 +78,27 @@ def get(frozen: Frozen, key: str, default: Any = None) -> Any:
     return default
 
 
+class _Cached:
+    """Frozen values hashed once: states are hashed and compared very often in a search."""
+
+    def __hash__(self) -> int:
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))  # type: ignore[arg-type]
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self) or hash(self) != hash(other):
+            return False
+        return all(
+            getattr(self, f.name) == getattr(other, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        )
+
+
 class Conflict(Exception):
     """409: the write was guarded by a stale resourceVersion (or the write was lost)."""
 
@@ -86,8 +107,8 @@ class NotFound(Exception):
     """404: the object is gone."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Obj:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Obj(_Cached):
     """An API object as the server, or an actor's cache, holds it."""
 
     rv: int
@@ -120,8 +141,8 @@ class Hyp:
     job: str = ""  # source side: "" | "active" | "aborting" (abortJob sent, may still complete)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Agent:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Agent(_Cached):
     """One node agent process: its memory (lost by a crash) and its durable state dir."""
 
     proc: str = "up"  # "up" | "crashed" | "frozen"
@@ -135,8 +156,8 @@ class Agent:
     journal: Frozen = None  # durable journal in the state dir (used by the new code)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class State:
+@dataclasses.dataclass(frozen=True, eq=False)
+class State(_Cached):
     vi: Obj | None
     mig: Obj | None
     nodes: tuple[Node, Node]
