@@ -57,6 +57,7 @@ class Result:
     states: int
     settled: int
     seconds: float
+    cpu_seconds: float
     violations: dict[tuple[str, str], Violation]
 
 
@@ -358,7 +359,7 @@ def _trace(
 
 
 def explore(scenario: Scenario, adapter: ModuleType, depth: int | None = None) -> Result:
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     depth = scenario.depth if depth is None else depth
     init = world.canonical(scenario.initial)
     parents: dict[world.State, tuple[world.State, str] | None] = {init: None}
@@ -399,7 +400,15 @@ def explore(scenario: Scenario, adapter: ModuleType, depth: int | None = None) -
                 parents[nxt] = (state, label)
                 nxt_frontier.append(nxt)
         frontier = nxt_frontier
-    return Result(scenario.name, depth, len(parents), settled, time.monotonic() - start, found)
+    return Result(
+        scenario.name,
+        depth,
+        len(parents),
+        settled,
+        time.monotonic() - start,
+        time.process_time() - cpu,
+        found,
+    )
 
 
 FAULT_KINDS = (

@@ -68,6 +68,13 @@ def all_scenarios(adapter: ModuleType, depth: int) -> list[explore.Scenario]:
             depth=d,
         ),
         explore.Scenario(
+            "new instance: placement and first start",
+            created(),
+            frozenset({"crash:a", "freeze:a", "delete-instance", "lose-write"}),
+            budget=2,
+            depth=d,
+        ),
+        explore.Scenario(
             "drain node a: Stopped instance (evictionPolicy LiveMigrate)",
             draining(adapter, "Stopped", "LiveMigrate"),
             frozenset({"crash:a"}),

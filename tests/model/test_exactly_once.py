@@ -20,6 +20,12 @@ from tests.model import adapter_new, explore, invariants, report, scenarios
 
 DEPTH = int(os.environ.get("KUBEHV_MODEL_DEPTH", "7"))
 SCENARIOS = scenarios.all_scenarios(adapter_new, DEPTH)
+OPEN_BUGS: dict[str, tuple[tuple[str, str], ...]] = {
+    # Reported to the owner rebuild (FINDINGS.md "TO owner"); each entry is (invariant, a
+    # substring of the violation's signature). A violation not listed fails the test; a
+    # listed one is printed, so that the fix shows as "0 violations" and the entry goes.
+    "new instance: placement and first start": (("I2", "instance lost"),),
+}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
@@ -27,11 +33,21 @@ def test_no_invariant_is_violated(scenario: explore.Scenario):
     result = explore.explore(scenario, adapter_new)
     print(
         f"\nmodel {result.scenario}: depth {result.depth}, {result.states} states, "
-        f"{result.settled} recovery runs, {result.seconds:.1f} s, "
+        f"{result.settled} recovery runs, {result.cpu_seconds:.1f} s CPU "
+        f"({result.seconds:.1f} s wall), "
         f"{len(result.violations)} violations"
     )
-    shortest = sorted(result.violations.values(), key=lambda v: len(v.trace))[:3]
-    assert not result.violations, "\n\n".join(report.render(v) for v in shortest)
+    known = OPEN_BUGS.get(scenario.name, ())
+    unexpected = {
+        key: v
+        for key, v in result.violations.items()
+        if not any(key[0] == inv and text in key[1] for inv, text in known)
+    }
+    for v in sorted(result.violations.values(), key=lambda v: len(v.trace))[:1]:
+        if not unexpected:
+            print(f"open bug (reported, not yet fixed):\n{report.render(v)}")
+    shortest = sorted(unexpected.values(), key=lambda v: len(v.trace))[:3]
+    assert not unexpected, "\n\n".join(report.render(v) for v in shortest)
     assert result.states > 1
 
 
@@ -40,5 +56,9 @@ def test_every_scenario_starts_from_a_healthy_instance():
     for scenario in SCENARIOS:
         assert invariants.always(scenario.initial) == []
         vi = scenario.initial.vi
-        assert vi is not None and vi.stat("nodeName") == "a"
+        assert vi is not None
+        if scenario.name.startswith("new instance"):
+            assert vi.stat("nodeName") is None and not any(h.dom for h in scenario.initial.hyp)
+            continue
+        assert vi.stat("nodeName") == "a"
         assert scenario.initial.hyp[0].dom == ("running" if "Stopped" not in scenario.name else "")
