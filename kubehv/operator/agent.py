@@ -18,6 +18,7 @@ from typing import Any
 
 import kopf
 
+from kubehv import api
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
 from kubehv.operator import context, k8s, metrics, node_status
@@ -31,15 +32,14 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
     """Connect to the API, make sure this node's NodeHypervisor exists, create the driver."""
     api_client = k8s.load_api_client(cfg.kubeconfig)
     kube = k8s.Kube(api_client)
-    body = node_status.nhv_body(
+    wanted = node_status.nhv_body(
         cfg.node_name, cfg.hypervisor, cfg.connection_uri, cfg.migration_address
     )
-    nhv = node_status.ensure_node(kube, body)
-    spec = nhv.get("spec") or {}
+    spec = node_status.ensure_node(kube, wanted).spec
     # The NodeHypervisor's spec wins over flags: it is what the cluster says this node is.
-    cfg.hypervisor = str(spec.get("hypervisor") or cfg.hypervisor)
-    cfg.connection_uri = spec.get("connectionURI") or cfg.connection_uri
-    cfg.migration_address = spec.get("migrationAddress") or cfg.migration_address
+    cfg.hypervisor = spec.hypervisor or cfg.hypervisor
+    cfg.connection_uri = spec.connection_uri or cfg.connection_uri
+    cfg.migration_address = spec.migration_address or cfg.migration_address
     driver = driver_registry.create_driver(
         cfg.hypervisor,
         values.DriverConfig(
@@ -54,7 +54,7 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
         api_client=api_client,
         kube=kube,
         driver=driver,
-        node_defaults=dict(spec.get("defaultParameters") or {}),
+        node_defaults=dict(spec.default_parameters),
     )
 
 
@@ -68,9 +68,10 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> owne
     async def on_instance(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         await owner.on_instance_event(event.get("type"), dict(body))
 
-    def involved(body: kopf.Body, **_: Any) -> bool:
-        status = body.get("status") or {}
-        return node in (status.get("sourceNode"), status.get("targetNode"))
+    def involved(status: kopf.Status, **_: Any) -> bool:
+        """kopf's filter (before parsing): this node has a role in the Migration."""
+        roles = api.MigrationStatus.model_validate(dict(status))
+        return node in (roles.source_node, roles.target_node)
 
     @kopf.on.event(k8s.GROUP, k8s.MIG_PLURAL, registry=registry, when=involved, id="migration")
     async def on_migration(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:

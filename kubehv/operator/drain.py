@@ -20,6 +20,7 @@ Progress is the NodeHypervisor condition ``Drained`` (False with what is left, t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -27,8 +28,11 @@ from typing import Any
 
 import kopf
 
-from kubehv.operator import k8s
+from kubehv import api
+from kubehv.api import conditions, constants
+from kubehv.operator import k8s, status
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_scheduling as sched
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def drain_migration_name(instance: str, node: str) -> str:
     return f"drain-{instance[:50]}-{digest}"
 
 
-def drain_migration(instance: ml.InstanceView, node: str) -> dict[str, Any]:
+def drain_migration(instance: sched.InstanceFacts, node: str) -> dict[str, Any]:
     """The Migration that evicts ``instance`` from ``node`` (policy LiveMigrate or Migrate)."""
     return {
         "apiVersion": f"{ml.GROUP}/{ml.VERSION}",
@@ -62,14 +66,15 @@ def drain_migration(instance: ml.InstanceView, node: str) -> dict[str, Any]:
 
 
 def plan(
-    node: str, instances: Sequence[ml.InstanceView], migrations: Sequence[ml.MigrationView]
-) -> tuple[list[ml.InstanceView], list[ml.InstanceView], str]:
+    node: str, instances: Sequence[sched.InstanceFacts], migrations: Sequence[ml.MigrationView]
+) -> tuple[list[sched.InstanceFacts], list[sched.InstanceFacts], str]:
     """(instances needing a Migration, Evicted instances to re-place, Drained message)."""
     on_node = [i for i in instances if i.node_name == node]
     busy = {(m.namespace, m.instance) for m in migrations if m.occupies_instance}
-    to_migrate: list[ml.InstanceView] = []
-    to_replace: list[ml.InstanceView] = []
+    to_migrate: list[sched.InstanceFacts] = []
+    to_replace: list[sched.InstanceFacts] = []
     waiting_stop: list[str] = []
+    pinned: list[str] = []
     failed: list[str] = []
     by_name = {(m.namespace, m.name): m for m in migrations}
     for inst in on_node:
@@ -81,6 +86,9 @@ def plan(
         if inst.eviction_policy == "Stop":
             waiting_stop.append(inst.name)
             continue
+        if inst.pin == node:
+            pinned.append(inst.name)  # a Migration could only fail: say what it waits for
+            continue
         existing = by_name.get((inst.namespace, drain_migration_name(inst.name, node)))
         if existing is not None and existing.phase in ml.UNSUCCESSFUL:
             failed.append(f"{inst.name} ({existing.failure_reason})")
@@ -91,6 +99,10 @@ def plan(
     parts = [f"{len(on_node)} instance(s) left on {node}"]
     if waiting_stop:
         parts.append("stopping: " + ", ".join(sorted(waiting_stop)))
+    if pinned:
+        parts.append(
+            f"pinned to {node} by spec.nodeName (unpin or stop them): " + ", ".join(sorted(pinned))
+        )
     if failed:
         parts.append("migration failed: " + "; ".join(sorted(failed)))
     return to_migrate, to_replace, "; ".join(parts)
@@ -101,21 +113,24 @@ class DrainController:
         self.store = k8s.Kube(ctx.api_client)
 
     async def reconcile_node(self, body: Mapping[str, Any]) -> None:
-        node = ml.NodeView.from_body(body)
-        status = body.get("status") or {}
-        conds = {c.get("type"): c for c in status.get("conditions") or []}
+        model = api.NodeHypervisor.model_validate(body)
+        node = sched.NodeFacts.of(model)
         if not node.drain:
-            if COND_DRAINED in conds:
-                await self._set_drained(node.name, status, None)
+            if conditions.get_condition(model.status.conditions, COND_DRAINED) is not None:
+                await self._set_drained(model, None)
             return
         instances = [
-            ml.InstanceView.from_body(b)
-            for b in await k8s.call(self.store.list_instances, f"status.nodeName={node.name}")
+            api.VirtualInstance.model_validate(b)
+            for b in await k8s.call(
+                self.store.list_instances, f"{constants.FIELD_VI_NODE}={node.name}"
+            )
         ]
         migrations = [
             ml.MigrationView.from_body(b) for b in await k8s.call(self.store.list_migrations)
         ]
-        to_migrate, to_replace, message = plan(node.name, instances, migrations)
+        to_migrate, to_replace, message = plan(
+            node.name, [sched.InstanceFacts.of(i) for i in instances], migrations
+        )
         for inst in to_migrate:
             try:
                 await k8s.call(
@@ -129,62 +144,67 @@ class DrainController:
                     "drain %s: cannot create Migration for %s: %s", node.name, inst.name, exc
                 )
         for inst in to_replace:
-            vi = await k8s.call(self.store.get_instance, inst.namespace, inst.name)
-            current = (vi or {}).get("status") or {}
-            if current.get("nodeName") != node.name or current.get("phase") not in NOT_RUNNING:
-                continue  # moved or started meanwhile: the next pass looks again
-            assert vi is not None
-            cond = ml.condition("Evicted", True, "NodeDrained", f"stopped on {node.name}")
-            new = {
-                "nodeName": None,
-                "phase": "Pending",
-                "conditions": ml.merged_conditions(
-                    (vi.get("status") or {}).get("conditions") or [], [cond]
-                ),
-            }
             try:
-                await k8s.call(self.store.patch_instance_status, vi, new)
-            except k8s.Conflict:
-                continue
+                await self._replace(inst, node.name)
             except Exception as exc:  # one instance must not stop the others
                 log.warning("drain %s: cannot re-place %s: %s", node.name, inst.name, exc)
-        await self._set_drained(node.name, status, message)
+        await self._set_drained(model, message)
 
-    async def _set_drained(self, node: str, status: Mapping[str, Any], message: str | None) -> None:
+    async def _replace(self, inst: sched.InstanceFacts, node: str) -> None:
+        """Clear ``status.nodeName`` of an instance that runs nowhere (guarded), so that
+        placement puts it on another node."""
+        body = await k8s.call(self.store.get_instance, inst.namespace, inst.name)
+        if body is None:
+            return
+        vi = api.VirtualInstance.model_validate(body)
+        phase = vi.status.phase.value if vi.status.phase else ""
+        if vi.status.node_name != node or phase not in NOT_RUNNING:
+            return  # moved or started meanwhile: the next pass looks again
+        cond = status.Condition("Evicted", True, "NodeDrained", f"stopped on {node}")
+        new = {
+            "nodeName": None,
+            "phase": "Pending",
+            "conditions": status.merge_model_conditions(vi.status.conditions, [cond]),
+        }
+        with contextlib.suppress(k8s.Conflict):
+            await k8s.call(self.store.patch_instance_status, vi, new)
+
+    async def _set_drained(self, node: api.NodeHypervisor, message: str | None) -> None:
         """message None: not draining (condition removed); "" drained; else what is left."""
-        existing = [c for c in status.get("conditions") or [] if isinstance(c, Mapping)]
-        current = next((c for c in existing if c.get("type") == COND_DRAINED), None)
+        existing = node.status.conditions
+        current = conditions.get_condition(existing, COND_DRAINED)
         if message is None:
-            conds = [dict(c) for c in existing if c.get("type") != COND_DRAINED]
+            kept = [c for c in existing if c.type != COND_DRAINED]
+            conds = [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in kept]
         else:
             done = message == ""
-            cond = ml.condition(
-                COND_DRAINED,
-                done,
-                "Drained" if done else "Draining",
-                "no instances left" if done else message,
-            )
+            text = "no instances left" if done else message
             if (
                 current is not None
-                and current.get("status") == cond["status"]
-                and current.get("message") == cond["message"]
+                and (current.status is conditions.ConditionStatus.TRUE) == done
+                and current.message == text
             ):
                 return
-            conds = ml.merged_conditions(existing, [cond])
-        await k8s.call(self.store.patch_node_status, node, {"conditions": conds})
+            cond = status.Condition(COND_DRAINED, done, "Drained" if done else "Draining", text)
+            conds = status.merge_model_conditions(existing, [cond])
+        await k8s.call(
+            self.store.patch_node_status, node.metadata.name or "", {"conditions": conds}
+        )
 
     async def resync(self) -> None:
         try:
-            nodes = await k8s.call(self.store.list_nodes)
+            nodes = [
+                api.NodeHypervisor.model_validate(n) for n in await k8s.call(self.store.list_nodes)
+            ]
         except Exception as exc:
             log.warning("cannot list nodes: %s", exc)
             return
         for node in nodes:
-            if (node.get("spec") or {}).get("drain"):
+            if node.spec.drain:
                 try:
-                    await self.reconcile_node(node)
+                    await self.reconcile_node(node.to_dict())
                 except Exception:
-                    log.exception("drain of %s failed; will retry", node)
+                    log.exception("drain of %s failed; will retry", node.metadata.name)
 
 
 def register(registry: kopf.OperatorRegistry, ctx: Any) -> None:

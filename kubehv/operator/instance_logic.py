@@ -130,9 +130,7 @@ def desired_status(
     if params_valid is not None:
         updates.append(params_valid)
     generation = vi.metadata.generation or 0
-    conditions = status.merge_conditions(
-        status_of(vi).get("conditions") or [], updates, generation, now
-    )
+    conditions = status.merge_model_conditions(vi.status.conditions, updates, generation, now)
     live = info if info is not None and info.state.is_alive else None
     out: dict[str, Any] = {
         "phase": phase,

@@ -36,9 +36,8 @@ CLAIM_BEFORE_START = frozenset(
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
-    """The instance an act is about: its wire body (for writes) and its typed model."""
+    """The instance an act is about (the typed model, as last read)."""
 
-    body: dict[str, Any]
     vi: api.VirtualInstance
 
     @property
@@ -122,7 +121,7 @@ class InstanceActs:
             return await self._evict(subject, action)
         if act is Act.RELEASE_MIGRATING:
             return await self._release_migrating(subject, observed)
-        spec = self._spec(subject.body)
+        spec = self._spec(subject.vi)
         if act is Act.STOP:
             with metrics.timed_driver_call("shutdown_instance"):
                 forced = await k8s.call(drv.shutdown_instance, spec, self.policy.stop_timeout_s)
@@ -164,9 +163,9 @@ class InstanceActs:
     # --- start ---------------------------------------------------------------------------
 
     def _spec(
-        self, body: Mapping[str, Any], password_file: str | None = None
+        self, vi: api.VirtualInstance, password_file: str | None = None
     ) -> values.InstanceSpec:
-        return translate.instance_spec(body, self.ctx.node_defaults, password_file)
+        return translate.instance_spec(vi, self.ctx.node_defaults, password_file)
 
     async def _start(
         self, subject: Subject, observed: IL.Observed, hist: IL.History, restart: bool
@@ -174,7 +173,7 @@ class InstanceActs:
         cls = self.ctx.driver_cls
         vi, name = subject.vi, subject.name
         try:
-            spec = self._spec(subject.body, await self._password_file(subject))
+            spec = self._spec(subject.vi, await self._password_file(subject))
             checked = cls.check_parameter_syntax(spec.params)
             cls.validate_parameters(spec.params)
             spec = dataclasses.replace(spec, params=checked)
@@ -198,13 +197,11 @@ class InstanceActs:
             # Another writer (the drain re-placing a stopped instance) may act on this phase:
             # claim the instance with a guarded write before the irreversible start.
             try:
-                result = await k8s.call(
-                    self.kube.patch_instance_status, subject.body, {"phase": "Starting"}
-                )
+                result = await self._guarded(subject, {"phase": "Starting"})
             except k8s.Conflict:
                 return True  # changed meanwhile: the owner reads again and decides again
             self.remember(result)
-            subject = Subject(dict(result), api.VirtualInstance.model_validate(result))
+            subject = Subject(api.VirtualInstance.model_validate(result))
             vi = subject.vi
         now = time.time()
         if observed.state is not None:
@@ -289,7 +286,15 @@ class InstanceActs:
         if not subject.vi.spec.console.vnc.enabled or ref is None:
             return None
         ns = subject.namespace
-        secret = await k8s.call(self.kube.read_secret_key, ns, ref.name, ref.key)
+        try:
+            secret = await k8s.call(self.kube.read_secret_key, ns, ref.name, ref.key)
+        except Exception as exc:
+            if k8s.is_status(exc, 403):
+                raise errors.InvalidInstanceSpec(
+                    f"the kubehv agent may not read the VNC password Secret {ref.name!r} in "
+                    f"namespace {ns} (agents may read only Secrets named kubehv-console)"
+                ) from exc
+            raise
         if secret is None:
             raise errors.InvalidInstanceSpec(
                 f"VNC password Secret {ref.name!r} (key {ref.key!r}) not found in namespace {ns}"
@@ -306,18 +311,17 @@ class InstanceActs:
         The phase is the guard: from Evicted the owner starts nothing while the node drains,
         and the controller re-places the instance.
         """
-        st = IL.status_of(subject.vi)
         cond = status.Condition("Evicted", True, REASON_EVICTED, action.message)
         new = {
             "phase": "Evicted",
-            "conditions": status.merge_conditions(st.get("conditions") or [], [cond]),
+            "conditions": status.merge_model_conditions(subject.vi.status.conditions, [cond]),
         }
         try:
-            result = await k8s.call(self.kube.patch_instance_status, subject.body, new)
+            result = await self._guarded(subject, new)
         except k8s.Conflict:
             return True  # changed meanwhile: decide again on the newer object
         self.remember(result)
-        spec = self._spec(subject.body)
+        spec = self._spec(subject.vi)
         with metrics.timed_driver_call("shutdown_instance"):
             await k8s.call(self.driver.shutdown_instance, spec, self.policy.stop_timeout_s)
         await k8s.call(self._cleanup, subject.name)
@@ -326,14 +330,13 @@ class InstanceActs:
 
     async def _release_migrating(self, subject: Subject, observed: IL.Observed) -> bool:
         """Phase Migrating and no Migration owns it: show what the hypervisor says."""
-        st = IL.status_of(subject.vi)
         alive = observed.alive
         reason = "MigrationGone"
         message = "no Migration owns the instance any more"
         cond = status.Condition("Migrating", False, reason, message)
         new: dict[str, Any] = {
             "phase": IL.phase_for(subject.vi, observed) if alive else "Failed",
-            "conditions": status.merge_conditions(st.get("conditions") or [], [cond]),
+            "conditions": status.merge_model_conditions(subject.vi.status.conditions, [cond]),
         }
         if not alive:
             ready = status.Condition(
@@ -344,10 +347,12 @@ class InstanceActs:
                 "ended without a record; it is not restarted because it may run on the target. "
                 "Check the other nodes, then change the spec to start it",
             )
-            new["conditions"] = status.merge_conditions(new["conditions"], [ready])
+            new["conditions"] = status.merge_model_conditions(
+                subject.vi.status.conditions, [cond, ready]
+            )
             new["observedGeneration"] = subject.vi.metadata.generation or 0
         try:
-            result = await k8s.call(self.kube.patch_instance_status, subject.body, new)
+            result = await self._guarded(subject, new)
         except k8s.Conflict:
             return True
         self.remember(result)
@@ -377,7 +382,7 @@ class InstanceActs:
         return True
 
     async def _finalize(self, subject: Subject) -> None:
-        spec = self._spec(subject.body)
+        spec = self._spec(subject.vi)
         with metrics.timed_driver_call("shutdown_instance"):
             await k8s.call(self.driver.shutdown_instance, spec, self.policy.stop_timeout_s)
         await k8s.call(self._cleanup, subject.name)
@@ -403,6 +408,17 @@ class InstanceActs:
             return
         self.remember(result)
 
+    async def _guarded(self, subject: Subject, status_patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A status write that loses (:class:`k8s.Conflict`) to any write since our read."""
+        meta = subject.vi.metadata
+        return await k8s.call(
+            self.kube.patch_vi_status,
+            subject.namespace,
+            meta.name or "",
+            status_patch,
+            meta.resource_version,
+        )
+
     async def _failed_action(
         self, subject: Subject, action: ol.Action, exc: errors.HypervisorError
     ) -> None:
@@ -420,7 +436,7 @@ class InstanceActs:
     ) -> None:
         await events.apost(
             self.kube,
-            subject.body,
+            subject.vi,
             reason,
             message,
             type_=type_,

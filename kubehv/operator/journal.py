@@ -49,6 +49,7 @@ class Entry:
     stage: Stage
     peer: str  # the other node
     vi: str = ""  # namespace/name of the VirtualInstance
+    migration_info: str = ""  # target only: the source's blob, to undo an incoming copy
     memory_before_mib: int | None = None
     """Source only: the guest's memory before the migration ballooned it down (restored
     if the migration fails)."""
@@ -66,6 +67,7 @@ class Entry:
             stage=Stage(data["stage"]),
             peer=str(data.get("peer") or ""),
             vi=str(data.get("vi") or ""),
+            migration_info=str(data.get("migration_info") or ""),
             memory_before_mib=(
                 int(data["memory_before_mib"])
                 if data.get("memory_before_mib") is not None

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 
+from kubehv import api
 from kubehv.api import constants
 
 GROUP = constants.GROUP
@@ -77,11 +78,6 @@ def _translate(exc: Exception) -> Exception:
     return exc
 
 
-def _guarded(body: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
-    meta = body.get("metadata") or {}
-    return {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": dict(status)}
-
-
 class Kube:
     """Every API call kubehv's own code makes (kopf makes the watches)."""
 
@@ -93,74 +89,47 @@ class Kube:
 
     # --- generic ------------------------------------------------------------------------
 
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One CustomObjectsApi call with the timeout; 409/404 as Conflict/NotFound."""
+        try:
+            result: dict[str, Any] = getattr(self.custom, method)(
+                GROUP, VERSION, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs
+            )
+        except kubernetes.client.ApiException as exc:
+            raise _translate(exc) from exc
+        return result
+
     def _get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
             if namespace is None:
-                result: dict[str, Any] = self.custom.get_cluster_custom_object(
-                    GROUP, VERSION, plural, name, _request_timeout=REQUEST_TIMEOUT
-                )
-            else:
-                result = self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, plural, name, _request_timeout=REQUEST_TIMEOUT
-                )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return result
+                return self._call("get_cluster_custom_object", plural, name)
+            return self._call("get_namespaced_custom_object", namespace, plural, name)
+        except NotFound:
+            return None
 
     def _list(
         self, plural: str, field_selector: str = "", namespace: str | None = None
     ) -> list[dict[str, Any]]:
-        kwargs: dict[str, Any] = {"_request_timeout": REQUEST_TIMEOUT}
-        if field_selector:
-            kwargs["field_selector"] = field_selector
+        kwargs = {"field_selector": field_selector} if field_selector else {}
         if namespace is None:
-            result = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+            result = self._call("list_cluster_custom_object", plural, **kwargs)
         else:
-            result = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, **kwargs
-            )
+            result = self._call("list_namespaced_custom_object", namespace, plural, **kwargs)
         return list(result.get("items") or [])
 
     def _patch_status(
         self, plural: str, name: str, body: Mapping[str, Any], namespace: str | None = None
     ) -> dict[str, Any]:
-        try:
-            if namespace is None:
-                result: dict[str, Any] = self.custom.patch_cluster_custom_object_status(
-                    GROUP, VERSION, plural, name, dict(body), _request_timeout=REQUEST_TIMEOUT
-                )
-            else:
-                result = self.custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    plural,
-                    name,
-                    dict(body),
-                    _request_timeout=REQUEST_TIMEOUT,
-                )
-        except kubernetes.client.ApiException as exc:
-            raise _translate(exc) from exc
-        return result
+        if namespace is None:
+            return self._call("patch_cluster_custom_object_status", plural, name, dict(body))
+        return self._call(
+            "patch_namespaced_custom_object_status", namespace, plural, name, dict(body)
+        )
 
     def _patch(
         self, plural: str, namespace: str, name: str, body: Mapping[str, Any]
     ) -> dict[str, Any]:
-        try:
-            result: dict[str, Any] = self.custom.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                namespace,
-                plural,
-                name,
-                dict(body),
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except kubernetes.client.ApiException as exc:
-            raise _translate(exc) from exc
-        return result
+        return self._call("patch_namespaced_custom_object", namespace, plural, name, dict(body))
 
     # --- VirtualInstances -------------------------------------------------------------
 
@@ -184,12 +153,12 @@ class Kube:
         return self._patch_status(VI_PLURAL, name, body, namespace)
 
     def patch_instance_status(
-        self, body: Mapping[str, Any], status: Mapping[str, Any]
+        self, vi: api.VirtualInstance, status: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Merge ``status`` into the instance ``body`` was read from, guarded by its version."""
-        meta = body.get("metadata") or {}
-        return self._patch_status(
-            VI_PLURAL, str(meta.get("name")), _guarded(body, status), str(meta.get("namespace"))
+        """Merge ``status`` into the instance ``vi`` was read from, guarded by its version."""
+        meta = vi.metadata
+        return self.patch_vi_status(
+            meta.namespace or "", meta.name or "", status, meta.resource_version or None
         )
 
     def patch_vi(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,13 +186,7 @@ class Kube:
         return self._patch(MIG_PLURAL, view.namespace, view.name, patch)
 
     def create_migration(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            result: dict[str, Any] = self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, MIG_PLURAL, dict(body), _request_timeout=REQUEST_TIMEOUT
-            )
-        except kubernetes.client.ApiException as exc:
-            raise _translate(exc) from exc
-        return result
+        return self._call("create_namespaced_custom_object", namespace, MIG_PLURAL, dict(body))
 
     # --- NodeHypervisors --------------------------------------------------------------
 
@@ -234,10 +197,7 @@ class Kube:
         return self._list(NHV_PLURAL)
 
     def create_node(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.custom.create_cluster_custom_object(
-            GROUP, VERSION, NHV_PLURAL, dict(body), _request_timeout=REQUEST_TIMEOUT
-        )
-        return result
+        return self._call("create_cluster_custom_object", NHV_PLURAL, dict(body))
 
     def patch_node_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         return self._patch_status(NHV_PLURAL, name, {"status": dict(status)})

@@ -18,8 +18,10 @@ from typing import Any, Protocol
 
 import kopf
 
+from kubehv import api
 from kubehv.operator import k8s, metrics
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_scheduling as sched
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,12 @@ class ControllerContext(Protocol):
     def api_client(self) -> Any: ...
 
 
-def limits_from(ctx: Any) -> ml.Limits:
+def limits_from(ctx: Any) -> sched.Limits:
     settings = getattr(ctx, "settings", None)
     per_node = getattr(settings, "max_migrations_per_node", None)
     per_cluster = getattr(settings, "max_migrations_per_cluster", None)
-    default = ml.Limits()
-    return ml.Limits(
+    default = sched.Limits()
+    return sched.Limits(
         per_node=int(per_node) if isinstance(per_node, int) else default.per_node,
         per_cluster=int(per_cluster) if isinstance(per_cluster, int) else default.per_cluster,
     )
@@ -49,7 +51,14 @@ class MigrationController:
         self._lock = asyncio.Lock()
 
     async def handle(self, body: Mapping[str, Any]) -> None:
-        view = ml.MigrationView.from_body(body)
+        try:
+            view = ml.MigrationView.from_body(body)
+        except ValueError as exc:
+            log.warning("cannot read a Migration (%s); not acting on it", exc)
+            return
+        await self.handle_view(view)
+
+    async def handle_view(self, view: ml.MigrationView) -> None:
         step = ml.next_step(view, ml.Role.CONTROLLER)
         if step is ml.Step.NONE and await self._gone_before_running(view):
             step = ml.Step.ABORT
@@ -69,8 +78,10 @@ class MigrationController:
         """The instance was deleted while nothing irreversible had happened yet."""
         if view.phase not in ml.BEFORE_RUNNING - {ml.Phase.PENDING}:
             return False
-        vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
-        return vi is None or bool((vi.get("metadata") or {}).get("deletionTimestamp"))
+        body = await k8s.call(self.store.get_instance, view.namespace, view.instance)
+        return body is None or bool(
+            api.VirtualInstance.model_validate(body).metadata.deletion_timestamp
+        )
 
     async def _step(self, view: ml.MigrationView, step: ml.Step) -> None:
         if step is ml.Step.NONE and await self._gone_before_running(view):
@@ -117,20 +128,20 @@ class MigrationController:
         vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
         nodes = await k8s.call(self.store.list_nodes)
         others = await k8s.call(self.store.list_migrations)
-        decision = ml.schedule(
+        decision = sched.schedule(
             view,
-            ml.InstanceView.from_body(vi) if vi is not None else None,
-            [ml.NodeView.from_body(n) for n in nodes],
+            api.VirtualInstance.model_validate(vi) if vi is not None else None,
+            [api.NodeHypervisor.model_validate(n) for n in nodes],
             [ml.MigrationView.from_body(o) for o in others],
             self.limits,
         )
-        if isinstance(decision, ml.Refused):
+        if isinstance(decision, sched.Refused):
             await self._write(view, ml.fail(view, decision.reason))
             metrics.record_migration("Failed", None)
             return
-        if isinstance(decision, ml.Queued):
-            current = view.conditions.get(ml.COND_QUEUED) or {}
-            if current.get("message") != decision.reason:
+        if isinstance(decision, sched.Queued):
+            current = view.conditions.get(ml.COND_QUEUED)
+            if current is None or current.message != decision.reason:
                 cond = ml.condition(ml.COND_QUEUED, True, "LimitReached", decision.reason)
                 await self._write(view, ml.status_patch(view, conditions=[cond]))
             return
@@ -169,18 +180,18 @@ class MigrationController:
         """Succeeded: the VirtualInstance now lives on the target (we alone write nodeName)."""
         message = f"instance moved from {view.source_node} to {view.target_node}"
         for _ in range(5):
-            vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
-            if vi is None:
+            body = await k8s.call(self.store.get_instance, view.namespace, view.instance)
+            if body is None:
                 message = "instance was deleted"
                 break
-            status = vi.get("status") or {}
-            if status.get("nodeName") != view.source_node:
+            vi = api.VirtualInstance.model_validate(body)
+            if vi.status.node_name != view.source_node:
                 break
             cond = ml.condition("Migrating", False, "Migrated", message)
             new = {
                 "nodeName": view.target_node,
                 "phase": "Running",
-                "conditions": ml.merged_conditions(status.get("conditions") or [], [cond]),
+                "conditions": ml.merged_conditions(vi.status.conditions, [cond]),
             }
             try:
                 await k8s.call(self.store.patch_instance_status, vi, new)
@@ -202,10 +213,16 @@ class MigrationController:
         except Exception as exc:
             log.warning("cannot list migrations: %s", exc)
             return
-        items.sort(key=lambda b: str((b.get("metadata") or {}).get("creationTimestamp", "")))
+        views = []
         for item in items:
             try:
-                await self.handle(item)
+                views.append(ml.MigrationView.from_body(item))
+            except ValueError as exc:
+                log.warning("cannot read a Migration (%s); skipping it", exc)
+        views.sort(key=lambda v: (v.creation_time or ml.now(), v.name))
+        for view in views:
+            try:
+                await self.handle_view(view)
             except Exception:
                 log.exception("migration controller step failed; will retry")
 

@@ -9,10 +9,13 @@ journal each step that touches the hypervisor before doing it (:mod:`journal`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kubehv import api
+from kubehv.api import virtualinstance as vim
 from kubehv.drivers import base, errors, values
 from kubehv.operator import context, journal, k8s, translate
 from kubehv.operator import migration_logic as ml
@@ -21,7 +24,7 @@ from kubehv.operator import status as status_mod
 log = logging.getLogger(__name__)
 
 
-def done_condition(ctype: str, success: bool, message: str = "") -> dict[str, Any]:
+def done_condition(ctype: str, success: bool, message: str = "") -> api.Condition:
     return ml.condition(
         ctype,
         True,
@@ -51,10 +54,13 @@ class Role:
 
     # --- reads ---------------------------------------------------------------------------
 
-    async def instance(self, view: ml.MigrationView) -> tuple[dict[str, Any], values.InstanceSpec]:
-        vi = await k8s.call(self.kube.get_instance, view.namespace, view.instance)
-        if vi is None:
+    async def instance(
+        self, view: ml.MigrationView
+    ) -> tuple[api.VirtualInstance, values.InstanceSpec]:
+        body = await k8s.call(self.kube.get_instance, view.namespace, view.instance)
+        if body is None:
             raise errors.InstanceNotFound(view.instance)
+        vi = api.VirtualInstance.model_validate(body)
         return vi, translate.instance_spec(vi, self.ctx.node_defaults)
 
     async def spec_or_bare(self, view: ml.MigrationView | None, name: str) -> values.InstanceSpec:
@@ -69,20 +75,18 @@ class Role:
         return values.InstanceSpec(name=name, uid="", memory_min_mib=1, memory_max_mib=1)
 
     def hypervisor_name(self, view: ml.MigrationView) -> str:
-        return translate.instance_name(
-            {"metadata": {"namespace": view.namespace, "name": view.instance}}
-        )
+        return translate.hypervisor_name(view.namespace, view.instance)
 
     async def reread(self, view: ml.MigrationView) -> ml.MigrationView:
         return ml.MigrationView.from_body(
             await k8s.call(self.kube.get_migration, view.namespace, view.name)
         )
 
-    async def node_spec(self, name: str | None) -> dict[str, Any]:
-        node = await k8s.call(self.kube.get_node, name or "")
-        if node is None:
+    async def node_object(self, name: str | None) -> api.NodeHypervisor:
+        body = await k8s.call(self.kube.get_node, name or "")
+        if body is None:
             raise errors.MigrationError(f"node {name} has no NodeHypervisor")
-        return dict(node.get("spec") or {})
+        return api.NodeHypervisor.model_validate(body)
 
     # --- writes --------------------------------------------------------------------------
 
@@ -94,7 +98,7 @@ class Role:
         self,
         view: ml.MigrationView,
         reason: str,
-        done: Sequence[Mapping[str, Any]],
+        done: Sequence[api.Condition],
         aborted: bool = False,
     ) -> None:
         """One write: the terminal phase (unless already terminal) with this side's record."""
@@ -118,22 +122,23 @@ class Role:
     ) -> None:
         """Mark the VirtualInstance Migrating (phase + condition), or back from it."""
         for _ in range(5):
-            vi = await k8s.call(self.kube.get_instance, view.namespace, view.instance)
-            if vi is None:
+            body = await k8s.call(self.kube.get_instance, view.namespace, view.instance)
+            if body is None:
                 return
-            status = vi.get("status") or {}
-            if not migrating and status.get("nodeName") != self.node:
+            vi = api.VirtualInstance.model_validate(body)
+            st = vi.status
+            if not migrating and st.node_name != self.node:
                 return  # the controller already handed it on
             cond = status_mod.Condition("Migrating", migrating, reason, message)
             new: dict[str, Any] = {
-                "conditions": status_mod.merge_conditions(status.get("conditions") or [], [cond])
+                "conditions": status_mod.merge_model_conditions(st.conditions, [cond])
             }
             if migrating:
-                new["phase"] = "Migrating"
-            elif status.get("phase") == "Migrating":
-                name = translate.instance_name(vi)
-                info = await k8s.call(self.driver.get_instance_info, name)
-                new["phase"] = "Running" if info is not None and info.state.is_alive else "Failed"
+                new["phase"] = vim.Phase.MIGRATING.value
+            elif st.phase is vim.Phase.MIGRATING:
+                info = await k8s.call(self.driver.get_instance_info, translate.instance_name(vi))
+                alive = info is not None and info.state.is_alive
+                new["phase"] = (vim.Phase.RUNNING if alive else vim.Phase.FAILED).value
             try:
                 await k8s.call(self.kube.patch_instance_status, vi, new)
                 return
@@ -158,22 +163,12 @@ class Role:
             stage=stage,
             peer=peer or "",
             vi=f"{view.namespace}/{view.instance}",
+            migration_info=view.migration_info if role is journal.Role.TARGET else "",
             memory_before_mib=memory_before_mib,
         )
         old = journal.load(self.state_dir, entry.instance)
-        if old is not None and old.migration_uid == entry.migration_uid:
-            entry = journal.Entry(
-                **{
-                    **entry.to_json(),
-                    "memory_before_mib": (
-                        memory_before_mib
-                        if memory_before_mib is not None
-                        else old.memory_before_mib
-                    ),
-                    "role": role,
-                    "stage": stage,
-                }
-            )
+        if old is not None and old.migration_uid == view.uid and memory_before_mib is None:
+            entry = dataclasses.replace(entry, memory_before_mib=old.memory_before_mib)
         await k8s.call(journal.store, self.state_dir, entry)
 
     async def forget(self, view: ml.MigrationView) -> None:

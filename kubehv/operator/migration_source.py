@@ -16,9 +16,11 @@ import dataclasses
 import logging
 import time
 
+from kubehv import api
 from kubehv.drivers import errors, values
 from kubehv.operator import journal, k8s, metrics
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_progress as progress
 from kubehv.operator import migration_roles as roles
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,11 @@ class SourceRole(roles.Role):
         return float(self.ctx.settings.migration_stall_timeout_s)
 
     async def _target(self, view: ml.MigrationView) -> values.MigrationTarget:
-        spec = await self.node_spec(view.target_node)
+        node = await self.node_object(view.target_node)
         return values.MigrationTarget(
             node=view.target_node or "",
-            address=str(spec.get("migrationAddress") or ""),
-            uri=spec.get("connectionURI") or None,
+            address=node.spec.migration_address or "",
+            uri=node.spec.connection_uri or None,
         )
 
     # --- Scheduled -> Preparing ----------------------------------------------------------
@@ -63,9 +65,8 @@ class SourceRole(roles.Role):
                     view, ml.fail(view, f"instance {spec.name} is not running on node {self.node}")
                 )
                 return
-            target = await k8s.call(self.kube.get_node, view.target_node or "")
-            free = ((target or {}).get("status") or {}).get("memoryFree")
-            conds: list[dict[str, object]] = []
+            free = (await self.node_object(view.target_node)).status.memory_free
+            conds: list[api.Condition] = []
             await self.journal(
                 view,
                 journal.Role.SOURCE,
@@ -127,13 +128,13 @@ class SourceRole(roles.Role):
         except errors.HypervisorError as exc:
             log.warning("migration %s: cannot read the copy's state yet: %s", view.key, exc)
             return  # asked again on the next look; never guessed
-        recovery = ml.recover_running(info is not None and info.state.is_alive, status)
+        recovery = progress.recover_running(info is not None and info.state.is_alive, status)
         log.warning(
             "migration %s: following a copy this process did not start: %s", view.key, recovery
         )
-        if recovery is ml.Recovery.RESUME_WATCH:
+        if recovery is progress.Recovery.RESUME_WATCH:
             await self._follow(view, drive=False)
-        elif recovery is ml.Recovery.COMPLETED:
+        elif recovery is progress.Recovery.COMPLETED:
             await self._completed(view, status)
         else:
             await self._failed(
@@ -152,7 +153,7 @@ class SourceRole(roles.Role):
             copy = asyncio.create_task(
                 k8s.call(self.driver.migrate_instance, spec, target, view.live, view.options())
             )
-        tracker = ml.ProgressTracker(stall_timeout_s=self.stall_timeout_s)
+        tracker = progress.ProgressTracker(stall_timeout_s=self.stall_timeout_s)
         seen = _Copy()
         last_progress: dict[str, int] | None = None
         current = view
@@ -175,10 +176,10 @@ class SourceRole(roles.Role):
             at = time.monotonic()
             if status.state is State.ACTIVE:
                 tracker.update(status, at)
-                progress = ml.progress_dict(status, tracker.rate_bytes_s)
-                if progress != last_progress:
-                    current = await self._write_progress(current, progress)
-                    last_progress = progress
+                shown = progress.progress_dict(status, tracker.rate_bytes_s)
+                if shown != last_progress:
+                    current = await self._write_progress(current, shown)
+                    last_progress = shown
                 else:
                     current = await self.reread(current)
             else:
@@ -211,13 +212,13 @@ class SourceRole(roles.Role):
         await self._failed(current, reason, aborted=seen.aborted_by_user)
 
     async def _why_abort(
-        self, current: ml.MigrationView, tracker: ml.ProgressTracker, at: float
+        self, current: ml.MigrationView, tracker: progress.ProgressTracker, at: float
     ) -> tuple[str | None, bool]:
         if current.abort_requested:
             why = "the Migration was deleted" if current.deleting else "abort was requested"
             return why, True
-        vi = await k8s.call(self.kube.get_instance, current.namespace, current.instance)
-        if vi is None or (vi.get("metadata") or {}).get("deletionTimestamp"):
+        body = await k8s.call(self.kube.get_instance, current.namespace, current.instance)
+        if body is None or api.VirtualInstance.model_validate(body).metadata.deletion_timestamp:
             return "the VirtualInstance was deleted", True
         if ml.timed_out(current, ml.now()):
             return (
@@ -235,7 +236,7 @@ class SourceRole(roles.Role):
         last: values.MigrationStatus,
         rate: float | None = None,
     ) -> None:
-        final = ml.progress_dict(
+        final = progress.progress_dict(
             dataclasses.replace(last, state=State.COMPLETED, memory_remaining_bytes=0), rate
         )
         metrics.record_migration_bytes(last.memory_processed_bytes)
@@ -251,11 +252,11 @@ class SourceRole(roles.Role):
                 view = await self.reread(view)
 
     async def _write_progress(
-        self, view: ml.MigrationView, progress: dict[str, int]
+        self, view: ml.MigrationView, shown: dict[str, int]
     ) -> ml.MigrationView:
         for _ in range(3):
             try:
-                return await self.write(view, ml.status_patch(view, {"progress": progress}))
+                return await self.write(view, ml.status_patch(view, {"progress": shown}))
             except k8s.Conflict:
                 view = await self.reread(view)
         return view

@@ -31,8 +31,7 @@ class TargetRole(roles.Role):
     async def accept(self, view: ml.MigrationView) -> None:
         try:
             _vi, spec = await self.instance(view)
-            me = await self.node_spec(self.node)
-            address = str(me.get("migrationAddress") or "")
+            address = (await self.node_object(self.node)).spec.migration_address or ""
             await self.journal(view, journal.Role.TARGET, journal.Stage.ACCEPTING, view.source_node)
             await k8s.call(self.driver.accept_instance, spec, view.migration_info, address)
         except errors.HypervisorError as exc:
@@ -79,7 +78,11 @@ class TargetRole(roles.Role):
 
     async def cleanup(self, view: ml.MigrationView | None, name: str) -> None:
         """Undo the incoming side (finalize_migration_dst(False)); never a resumed copy."""
-        info_blob = view.migration_info if view is not None else ""
+        if view is not None:
+            info_blob = view.migration_info
+        else:
+            entry = await k8s.call(journal.load, self.state_dir, name)
+            info_blob = entry.migration_info if entry is not None else ""
         kept = ""
         try:
             spec = await self.spec_or_bare(view, name)
@@ -88,28 +91,31 @@ class TargetRole(roles.Role):
             if _completed(exc):
                 kept = exc.message
                 log.error(
-                    "migration %s: the incoming copy of %s runs on %s; kept it: %s",
+                    "migration %s: the copy of %s completed on %s after all; keeping it: %s",
                     view.key if view else name,
                     name,
                     self.node,
                     exc.message,
                 )
+                try:
+                    await k8s.call(self.driver.finalize_migration_dst, spec, info_blob, True)
+                except errors.HypervisorError as again:
+                    log.warning("finalize_migration_dst(%s, success=True): %s", name, again)
             else:
                 log.warning("finalize_migration_dst(%s, success=False): %s", name, exc)
         if view is None:
             await k8s.call(journal.clear, self.state_dir, name)
             return
-        message = (
-            f"the migration completed after all; the instance runs on {self.node}: {kept}"
-            if kept
-            else ""
-        )
-        await self.write(
-            view,
-            ml.status_patch(
-                view, conditions=[roles.done_condition(ml.COND_TARGET_FINALIZED, False, message)]
-            ),
-        )
+        if kept:
+            done = ml.condition(
+                ml.COND_TARGET_FINALIZED,
+                True,
+                ml.REASON_COMPLETED_ANYWAY,
+                f"the copy completed after all; the instance runs on {self.node} (kept): {kept}",
+            )
+        else:
+            done = roles.done_condition(ml.COND_TARGET_FINALIZED, False)
+        await self.write(view, ml.status_patch(view, conditions=[done]))
         await self.forget(view)
 
     async def take_over(self, view: ml.MigrationView, message: str) -> None:

@@ -21,14 +21,15 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import pydantic
 
 from kubehv import api
 from kubehv.api import constants
 from kubehv.api import virtualinstance as vim
+from kubehv.drivers import values
 from kubehv.operator import (
     context,
     instance_logic,
@@ -58,7 +59,6 @@ class _Look:
     """One look at an instance: the decision's inputs and the bodies they came from."""
 
     inputs: ol.Inputs
-    vi_body: dict[str, Any] | None
     migration: ml.MigrationView | None
 
 
@@ -66,11 +66,25 @@ def key_of(namespace: str | None, name: str | None) -> str:
     return f"{namespace or ''}/{name or ''}"
 
 
-def _rv(body: Mapping[str, Any]) -> int:
+def _rv(obj: api.VirtualInstance | api.Migration) -> int:
     try:
-        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+        return int(obj.metadata.resource_version or 0)
     except ValueError:
         return 0
+
+
+Model = TypeVar("Model", api.VirtualInstance, api.Migration)
+T = TypeVar("T")
+
+
+def parse(kind: type[Model], body: Mapping[str, Any]) -> Model | None:
+    """The edge: a raw object from a watch event, GET or LIST becomes a typed model once
+    (a malformed one is logged and skipped, never crashes the agent)."""
+    try:
+        return kind.model_validate(body)
+    except pydantic.ValidationError as exc:
+        log.warning("cannot read a %s (%s); not acting on it", kind.KIND, exc)
+        return None
 
 
 class Owner:
@@ -83,56 +97,61 @@ class Owner:
         self.driver = ctx.driver
         self.state_dir = ctx.settings.state_dir
         self.policy = ctx.settings.policy
-        self.vis: dict[str, dict[str, Any]] = {}
+        self.vis: dict[str, api.VirtualInstance] = {}
         """This node's VirtualInstances (the field-selected watch), by namespace/name."""
-        self.migrations: dict[str, dict[str, Any]] = {}
+        self.migrations: dict[str, api.Migration] = {}
         """Migrations in which this node has a role, by namespace/instance."""
         self.history: dict[str, instance_logic.History] = {}
         self.slots: dict[str, _Slot] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
-        self.instance_acts = instances.InstanceActs(ctx, self.remember)
+        self.instance_acts = instances.InstanceActs(ctx, self.remember_body)
         self.source = migration_source.SourceRole(ctx)
         self.target = migration_target.TargetRole(ctx)
 
     # --- what pokes the owner ------------------------------------------------------------
 
-    def remember(self, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata") or {}
-        key = key_of(meta.get("namespace"), meta.get("name"))
-        if (body.get("status") or {}).get("nodeName") != self.node:
+    def remember(self, vi: api.VirtualInstance) -> None:
+        key = key_of(vi.metadata.namespace, vi.metadata.name)
+        if vi.status.node_name != self.node:
             self.vis.pop(key, None)  # not (or no longer) ours
             return
         old = self.vis.get(key)
-        if old is not None and _rv(old) > _rv(body):
+        if old is not None and _rv(old) > _rv(vi):
             return  # we already hold a newer copy (our own patch response)
-        self.vis[key] = dict(body)
+        self.vis[key] = vi
+
+    def remember_body(self, body: Mapping[str, Any]) -> None:
+        vi = parse(api.VirtualInstance, body)
+        if vi is not None:
+            self.remember(vi)
 
     async def on_instance_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata") or {}
-        key = key_of(meta.get("namespace"), meta.get("name"))
+        vi = parse(api.VirtualInstance, body)
+        if vi is None:
+            return
+        key = key_of(vi.metadata.namespace, vi.metadata.name)
         if event_type == "DELETED":
             self.vis.pop(key, None)  # gone, or moved to another node
             self.history.pop(key, None)
             if key in self.migrations:
                 self.poke(key)
             return
-        self.remember(body)
+        self.remember(vi)
         self.poke(key)
 
     async def on_migration_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata") or {}
-        key = key_of(meta.get("namespace"), (body.get("spec") or {}).get("instance"))
+        mig = parse(api.Migration, body)
+        if mig is None:
+            return
+        key = key_of(mig.metadata.namespace, mig.spec.instance)
         old = self.migrations.get(key)
+        same = old is not None and old.metadata.uid == mig.metadata.uid
         if event_type == "DELETED":
-            if old is not None and (old.get("metadata") or {}).get("uid") == meta.get("uid"):
+            if same:
                 self.migrations.pop(key, None)
-        elif (
-            old is None
-            or (old.get("metadata") or {}).get("uid") != meta.get("uid")
-            or _rv(body) >= _rv(old)
-        ):
-            self.migrations[key] = dict(body)
+        elif old is None or not same or _rv(mig) >= _rv(old):
+            self.migrations[key] = mig
         self.poke(key)
 
     def poke(self, key: str) -> None:
@@ -159,6 +178,33 @@ class Owner:
                     log.exception("owner of %s failed; the watcher looks again", key)
         finally:
             slot.running = False
+
+    async def alone(self, key: str, act: Callable[[], Awaitable[T]]) -> T:
+        """Run ``act`` as the owner of ``key``: after any current run, before the next one.
+
+        For loops outside the owner's decision (automatic ballooning) that need one driver
+        action on one instance: nothing else acts on the instance meanwhile.
+        """
+        slot = self.slots.setdefault(key, _Slot())
+        while slot.running:
+            await asyncio.sleep(0.05)
+        slot.running = True
+        try:
+            return await act()
+        finally:
+            slot.running = False
+            if slot.dirty:
+                slot.dirty = False
+                self.poke(key)
+
+    def busy(self, key: str) -> bool:
+        """The owner of ``key`` is acting now (a loop may skip the instance this round)."""
+        slot = self.slots.get(key)
+        return slot is not None and slot.running
+
+    def instances(self) -> dict[str, api.VirtualInstance]:
+        """This node's VirtualInstances as last seen, by ``namespace/name`` (a copy)."""
+        return dict(self.vis)
 
     async def stop(self) -> None:
         for task in list(self.tasks):
@@ -190,37 +236,46 @@ class Owner:
     async def _look(self, key: str, fresh: bool) -> _Look | None:
         namespace, name = key.split("/", 1)
         hv_name = ol.hypervisor_name(namespace, name)
+        vi: api.VirtualInstance | None
         if fresh:
-            vi_body = await k8s.call(self.kube.get_instance, namespace, name)
-            if vi_body is not None:
-                self.remember(vi_body)
-            bodies = await k8s.call(
+            body = await k8s.call(self.kube.get_instance, namespace, name)
+            vi = parse(api.VirtualInstance, body) if body is not None else None
+            if body is not None and vi is None:
+                return None  # unreadable: never act on a guess
+            if vi is not None:
+                self.remember(vi)
+            found = await k8s.call(
                 self.kube.list_migrations, f"{constants.FIELD_MIG_INSTANCE}={name}", namespace
             )
-            node = await k8s.call(self.kube.get_node, self.node)
-            self.draining = bool(((node or {}).get("spec") or {}).get("drain"))
+            migrations = [m for m in (parse(api.Migration, b) for b in found) if m is not None]
+            self.draining = await self._read_drain()
         else:
-            vi_body = self.vis.get(key)
+            vi = self.vis.get(key)
             cached = self.migrations.get(key)
-            bodies = [cached] if cached is not None else []
-        try:
-            vi = api.VirtualInstance.model_validate(vi_body) if vi_body is not None else None
-            migrations = [api.Migration.model_validate(b) for b in bodies]
-        except pydantic.ValidationError as exc:
-            log.warning("%s: cannot read the object (%s); not acting on it", key, exc)
-            return None
+            migrations = [cached] if cached is not None else []
         mig = ol.open_migration(migrations, namespace, name, self.node)
         if fresh:
             if mig is None:
                 self.migrations.pop(key, None)
             else:
-                self.migrations[key] = next(
-                    b for b in bodies if (b.get("metadata") or {}).get("uid") == mig.metadata.uid
-                )
+                self.migrations[key] = mig
         with metrics.timed_driver_call("get_instance_info"):
             domain = await k8s.call(self.driver.get_instance_info, hv_name)
         entry = await k8s.call(journal.load, self.state_dir, hv_name)
-        inputs = ol.Inputs(
+        inputs = self._inputs(key, vi, fresh, mig, domain, entry)
+        view = ml.MigrationView.of(mig) if mig is not None else None
+        return _Look(inputs, view)
+
+    def _inputs(  # noqa: PLR0917 - the decision's inputs, named once
+        self,
+        key: str,
+        vi: api.VirtualInstance | None,
+        fresh: bool,
+        mig: api.Migration | None,
+        domain: values.InstanceInfo | None,
+        entry: journal.Entry | None,
+    ) -> ol.Inputs:
+        return ol.Inputs(
             node=self.node,
             instance=vi,
             fresh=fresh,
@@ -232,8 +287,6 @@ class Owner:
             now=time.time(),
             policy=self.policy,
         )
-        view = ml.MigrationView.of(mig) if mig is not None else None
-        return _Look(inputs, vi_body, view)
 
     async def _perform(self, key: str, look: _Look, action: ol.Action) -> bool:
         """Do ``action``; True if the owner should look again at once."""
@@ -249,9 +302,9 @@ class Owner:
         if act is Act.CLEAR_JOURNAL:
             await k8s.call(journal.clear, self.state_dir, hv_name)
             return True
-        if inputs.instance is None or look.vi_body is None:
+        if inputs.instance is None:
             return False
-        subject = instances.Subject(look.vi_body, inputs.instance)
+        subject = instances.Subject(inputs.instance)
         observed = instance_logic.Observed(inputs.domain)
         if act in (Act.NOTHING, Act.WAIT):
             if inputs.instance.status.node_name == self.node and inputs.migration is None:
@@ -266,20 +319,17 @@ class Owner:
             if act is Act.CLEANUP_TARGET:  # a journal entry with no Migration left
                 await self.target.cleanup(None, hv_name)
             return
-        if act is Act.PREPARE:
-            await self.source.prepare(view)
-        elif act is Act.MIGRATE:
-            await self.source.migrate(view)
-        elif act is Act.TRACK_COPY:
-            await self.source.track_copy(view)
-        elif act is Act.FINALIZE_SOURCE:
-            await self.source.finalize(view)
-        elif act is Act.CLEANUP_SOURCE:
-            await self.source.cleanup(view)
-        elif act is Act.ACCEPT:
-            await self.target.accept(view)
-        elif act is Act.FINALIZE_TARGET:
-            await self.target.finalize(view)
+        by_view: dict[Act, Callable[[ml.MigrationView], Awaitable[None]]] = {
+            Act.PREPARE: self.source.prepare,
+            Act.MIGRATE: self.source.migrate,
+            Act.TRACK_COPY: self.source.track_copy,
+            Act.FINALIZE_SOURCE: self.source.finalize,
+            Act.CLEANUP_SOURCE: self.source.cleanup,
+            Act.ACCEPT: self.target.accept,
+            Act.FINALIZE_TARGET: self.target.finalize,
+        }
+        if act in by_view:
+            await by_view[act](view)
         elif act is Act.CLEANUP_TARGET:
             await self.target.cleanup(view, hv_name)
         elif act is Act.TAKE_OVER:
@@ -297,8 +347,7 @@ class Owner:
     async def resync(self) -> None:
         """Poke every instance this node has anything to do with; one failure skips one."""
         try:
-            node = await k8s.call(self.kube.get_node, self.node)
-            self.draining = bool(((node or {}).get("spec") or {}).get("drain"))
+            self.draining = await self._read_drain()
         except Exception as exc:
             log.warning("watcher cannot read NodeHypervisor %s: %s", self.node, exc)
         await self._refresh_migrations()
@@ -307,8 +356,8 @@ class Owner:
             if entry.vi:
                 keys.add(entry.vi)
         phases: dict[str, int] = {}
-        for body in self.vis.values():
-            phase = (body.get("status") or {}).get("phase") or "Pending"
+        for cached in self.vis.values():
+            phase = cached.status.phase.value if cached.status.phase else "Pending"
             phases[phase] = phases.get(phase, 0) + 1
         metrics.set_instance_phases(phases)
         try:
@@ -328,24 +377,12 @@ class Owner:
 
     def _drifted(self, key: str, by_name: Mapping[str, Any]) -> bool:
         """A cheap look on cached inputs: is there anything to do or to report?"""
-        body = self.vis.get(key)
-        if body is None:
+        vi = self.vis.get(key)
+        if vi is None:
             return True
-        vi = api.VirtualInstance.model_validate(body)
         namespace, name = key.split("/", 1)
         domain = by_name.get(ol.hypervisor_name(namespace, name))
-        inputs = ol.Inputs(
-            node=self.node,
-            instance=vi,
-            fresh=False,
-            migration=None,
-            domain=domain,
-            journal=None,
-            node_draining=self.draining,
-            history=self.history.setdefault(key, instance_logic.History()),
-            now=time.time(),
-            policy=self.policy,
-        )
+        inputs = self._inputs(key, vi, False, None, domain, None)
         if ol.decide(inputs).act not in (Act.NOTHING, Act.WAIT):
             return True
         observed = instance_logic.Observed(domain)
@@ -356,7 +393,7 @@ class Owner:
         )
 
     async def _refresh_migrations(self) -> None:
-        seen: dict[str, dict[str, Any]] = {}
+        seen: dict[str, api.Migration] = {}
         for field in (constants.FIELD_MIG_SOURCE, constants.FIELD_MIG_TARGET):
             try:
                 items = await k8s.call(self.kube.list_migrations, f"{field}={self.node}")
@@ -364,16 +401,17 @@ class Owner:
                 log.warning("cannot list migrations (%s): %s", field, exc)
                 return
             for item in items:
-                meta = item.get("metadata") or {}
-                key = key_of(meta.get("namespace"), (item.get("spec") or {}).get("instance"))
-                try:
-                    view = ml.MigrationView.from_body(item)
-                except Exception:
-                    log.exception("cannot read Migration %s", meta.get("name"))
+                mig = parse(api.Migration, item)
+                if mig is None:
                     continue
-                if not view.settled:
-                    seen[key] = item
+                if not ml.MigrationView.of(mig).settled:
+                    seen[key_of(mig.metadata.namespace, mig.spec.instance)] = mig
         self.migrations = seen
+
+    async def _read_drain(self) -> bool:
+        body = await k8s.call(self.kube.get_node, self.node)
+        node = api.NodeHypervisor.model_validate(body) if body is not None else None
+        return node is not None and node.spec.drain
 
     def known_instances(self) -> set[str]:
         """Hypervisor names of instances kubehv has a reason to run here (orphan check)."""

@@ -110,7 +110,7 @@ def test_balloon_into_range_and_to_auto_target() -> None:
     body["spec"]["autoBalloon"]["target"] = "128Mi"  # the minimum itself
     assert decide(body, info(mem=384)).memory_mib == 128
     body["spec"]["autoBalloon"]["target"] = "64Mi"  # below min: refused where it is parsed
-    with pytest.raises(pydantic.ValidationError, match="between memory.min and memory.max"):
+    with pytest.raises(pydantic.ValidationError, match=r"between memory\.min and memory\.max"):
         model(body)
 
 
@@ -173,14 +173,40 @@ def test_webhook_problems() -> None:
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 
 
-def node(name: str, free: int = 4096, ready: bool = True, **kw: Any) -> placement.NodeView:
-    base: dict[str, Any] = dict(
-        name=name, hypervisor="fake", labels={}, ready=ready, ready_reason="AgentReady",
-        schedulable=True, drain=False, memory_total_mib=free, memory_free_mib=free,
-        memory_dom0_mib=0, last_heartbeat=NOW,
-    )  # fmt: skip
-    base.update(kw)
-    return placement.NodeView(**base)
+def node(
+    name: str,
+    free: int = 4096,
+    ready: bool = True,
+    *,
+    labels: dict[str, str] | None = None,
+    hypervisor: str = "fake",
+    drain: bool = False,
+    schedulable: bool = True,
+) -> api.NodeHypervisor:
+    return api.NodeHypervisor.model_validate(
+        {
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": {
+                "nodeName": name,
+                "hypervisor": hypervisor,
+                "drain": drain,
+                "schedulable": schedulable,
+            },
+            "status": {
+                "memoryTotal": free,
+                "memoryFree": free,
+                "memoryDom0": 0,
+                "lastHeartbeat": "2030-01-01T00:00:00Z",
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True" if ready else "False",
+                        "reason": "AgentReady" if ready else "NoHeartbeat",
+                    }
+                ],
+            },
+        }
+    )
 
 
 def req(mem: int = 256, pin: str | None = None, **sel: str) -> placement.Request:
@@ -220,17 +246,21 @@ def test_placement_pin_selector_readiness_and_hypervisor() -> None:
 def test_heartbeat_marks_once() -> None:
     nhv: dict[str, Any] = {
         "metadata": {"name": "a"},
+        "spec": {"nodeName": "a"},
         "status": {
             "lastHeartbeat": "2029-12-31T23:59:00Z",
             "conditions": [{"type": "Ready", "status": "True", "reason": "AgentReady"}],
         },
     }
-    view = placement.NodeView.of(nhv)
-    assert heartbeat.is_stale(view, NOW, 30) and not heartbeat.is_stale(view, NOW, 120)
-    patch = heartbeat.node_status_patch(nhv, NOW, 30)
+    typed = api.NodeHypervisor.model_validate(nhv)
+    assert heartbeat.is_stale(typed, NOW, 30) and not heartbeat.is_stale(typed, NOW, 120)
+    patch = heartbeat.node_status_patch(typed, NOW, 30)
     assert patch["conditions"][0]["status"] == "Unknown"
     nhv["status"].update(patch)
-    assert heartbeat.node_status_patch(nhv, NOW, 30) == {}
-    vpatch = heartbeat.instance_status_patch(vi(st={"phase": "Running"}), "a")
+    assert heartbeat.node_status_patch(api.NodeHypervisor.model_validate(nhv), NOW, 30) == {}
+    vpatch = heartbeat.instance_status_patch(model(vi(st={"phase": "Running"})), "a")
     assert vpatch["phase"] == "Unknown"
-    assert heartbeat.instance_status_patch(vi(st={"phase": "Unknown"}), "a") == {}
+    assert heartbeat.instance_status_patch(model(vi(st={"phase": "Unknown"})), "a") == {}
+    # A migrating instance belongs to its Migration: heartbeat loss never rewrites its phase
+    # (the "Unknown overwrites Migrating, then decide starts it").
+    assert heartbeat.instance_status_patch(model(vi(st={"phase": "Migrating"})), "a") == {}
