@@ -37,6 +37,9 @@ from kubehv.operator import (
     placement,
 )
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_progress as progress
+from kubehv.operator import migration_roles as roles
+from kubehv.operator import migration_scheduling as sched
 from kubehv.operator import owner_logic as ol
 from kubehv.operator import status as st
 from tests.model import world
@@ -193,6 +196,7 @@ def _entry(sim: Sim, node: str) -> journal.Entry | None:
         stage=journal.Stage(stage),
         peer=world.other(node),
         vi=f"{world.NAMESPACE}/{world.INSTANCE}",
+        migration_info="model" if role == "target" else "",
     )
 
 
@@ -368,9 +372,11 @@ def _instance_act(
         _write(sim, node, vi, new)
         return
     if act is Act.EVICT:
-        conds = IL.status_of(vi).get("conditions") or []
         cond = st.Condition("Evicted", True, "NodeDrained", action.message)
-        new = {"phase": "Evicted", "conditions": st.merge_conditions(conds, [cond])}
+        new = {
+            "phase": "Evicted",
+            "conditions": st.merge_model_conditions(vi.status.conditions, [cond]),
+        }
         try:
             _guarded(sim, node, body, new)
         except Conflict:
@@ -394,15 +400,14 @@ def _instance_act(
 def _release_migrating(
     sim: Sim, node: str, vi: api.VirtualInstance, body: dict[str, Any], observed: IL.Observed
 ) -> None:
-    conds = IL.status_of(vi).get("conditions") or []
     cond = st.Condition("Migrating", False, "MigrationGone", "no Migration owns it any more")
     new: dict[str, Any] = {
         "phase": IL.phase_for(vi, observed) if observed.alive else "Failed",
-        "conditions": st.merge_conditions(conds, [cond]),
+        "conditions": st.merge_model_conditions(vi.status.conditions, [cond]),
     }
     if not observed.alive:
         ready = st.Condition("Ready", False, ol.REASON_MIGRATED_AWAY, "not here after a migration")
-        new["conditions"] = st.merge_conditions(new["conditions"], [ready])
+        new["conditions"] = st.merge_model_conditions(vi.status.conditions, [cond, ready])
         new["observedGeneration"] = vi.metadata.generation or 0
     with contextlib.suppress(Conflict):
         _guarded(sim, node, body, new)
@@ -429,12 +434,12 @@ def _mwrite(sim: Sim, patch: dict[str, Any]) -> ml.MigrationView:
     return ml.MigrationView.from_body(sim.patch_mig(patch))
 
 
-def _done(ctype: str, message: str = "") -> dict[str, Any]:
-    return ml.condition(ctype, True, "RolledBack", message or "finalized with success=False")
+def _done(ctype: str, message: str = "") -> api.Condition:
+    return roles.done_condition(ctype, False, message)
 
 
 def _finish(
-    sim: Sim, view: ml.MigrationView, reason: str, done: dict[str, Any], aborted: bool = False
+    sim: Sim, view: ml.MigrationView, reason: str, done: api.Condition, aborted: bool = False
 ) -> None:
     for _ in range(5):
         try:
@@ -449,22 +454,21 @@ def _finish(
 
 def _set_instance_migrating(sim: Sim, node: str, migrating: bool, reason: str) -> None:
     for _ in range(5):
-        vi = sim.get_vi()
+        vi = _vi_model(sim.vi)
         if vi is None:
             return
-        status = vi.get("status") or {}
-        if not migrating and status.get("nodeName") != node:
+        if not migrating and vi.status.node_name != node:
             return
         cond = st.Condition("Migrating", migrating, reason, reason)
         new: dict[str, Any] = {
-            "conditions": st.merge_conditions(status.get("conditions") or [], [cond])
+            "conditions": st.merge_model_conditions(vi.status.conditions, [cond])
         }
         if migrating:
             new["phase"] = "Migrating"
-        elif status.get("phase") == "Migrating":
+        elif vi.status.phase is not None and vi.status.phase.value == "Migrating":
             new["phase"] = "Running" if sim.alive(node) else "Failed"
         try:
-            sim.patch_vi_status(new, vi["metadata"]["resourceVersion"])
+            sim.patch_vi_status(new, vi.metadata.resource_version)
             return
         except Conflict:
             continue
@@ -474,9 +478,13 @@ def _migration_act(
     sim: Sim, node: str, act: ol.Act, view: ml.MigrationView | None, message: str
 ) -> None:
     if view is None:
-        if act is Act.CLEANUP_TARGET:
-            with contextlib.suppress(errors.HypervisorError):
+        if act is Act.CLEANUP_TARGET:  # a journal entry whose Migration is gone
+            try:
                 _finalize_dst(sim, node, False)
+            except errors.HypervisorError as exc:
+                if exc.reason == "MigrationCompleted":
+                    with contextlib.suppress(errors.HypervisorError):
+                        _finalize_dst(sim, node, True)
             sim.set_agent(node, journal=None)
         return
     if act is Act.PREPARE:
@@ -496,12 +504,12 @@ def _migration_act(
         sim.set_agent(node, monitor="drive", abort_by="")
     elif act is Act.TRACK_COPY:
         status = _status(sim, node)
-        recovery = ml.recover_running(sim.alive(node), status)
+        recovery = progress.recover_running(sim.alive(node), status)
         sim.did += f" -> recover_running: {recovery.value}"
-        if recovery is ml.Recovery.RESUME_WATCH:
+        if recovery is progress.Recovery.RESUME_WATCH:
             _instance(sim)
             sim.set_agent(node, monitor="watch", abort_by="")
-        elif recovery is ml.Recovery.COMPLETED:
+        elif recovery is progress.Recovery.COMPLETED:
             _completed(sim, view)
         else:
             _source_failed(sim, node, view, "restarted; no migration going on", aborted=False)
@@ -544,7 +552,15 @@ def _migration_act(
         except errors.HypervisorError as exc:
             if exc.reason == "MigrationCompleted":
                 kept = exc.message
-        _mwrite(sim, ml.status_patch(view, conditions=[_done(ml.COND_TARGET_FINALIZED, kept)]))
+                with contextlib.suppress(errors.HypervisorError):
+                    _finalize_dst(sim, node, True)
+        if kept:
+            done = ml.condition(
+                ml.COND_TARGET_FINALIZED, True, ml.REASON_COMPLETED_ANYWAY, f"kept: {kept}"
+            )
+        else:
+            done = _done(ml.COND_TARGET_FINALIZED)
+        _mwrite(sim, ml.status_patch(view, conditions=[done]))
         _forget(sim, node, view)
     elif act is Act.TAKE_OVER:
         _mwrite(sim, ml.transition(view, ml.Phase.FINALIZING))
@@ -628,6 +644,14 @@ def _follow_turn(sim: Sim, node: str) -> None:
 # --- controller (controller.py, migration_controller.py, drain.py) -----------------------
 
 
+def _nodes(sim: Sim) -> list[api.NodeHypervisor]:
+    return [_node_model(b) for b in sim.node_bodies()]
+
+
+def _node_model(body: dict[str, Any]) -> api.NodeHypervisor:
+    return api.NodeHypervisor.model_validate(body)
+
+
 def _ctl_remember(sim: Sim, body: dict[str, Any]) -> None:
     rv = int(body["metadata"]["resourceVersion"])
     if sim.ctl_cache is not None and sim.ctl_cache.rv > rv:
@@ -645,26 +669,27 @@ def _ctl_patch(sim: Sim, cached: Obj, patch: dict[str, Any]) -> None:
     _ctl_remember(sim, result)
 
 
+def _silent(nodes: list[api.NodeHypervisor]) -> set[str]:
+    return {n.metadata.name or "" for n in nodes if heartbeat.is_stale(n, T0_TIME, GRACE_S)}
+
+
 def place(sim: Sim) -> None:
     cached = sim.ctl_cache
     if cached is None or cached.deleting or cached.stat("nodeName"):
         return
-    vi = vi_body(cached)
-    nodes = [
-        dataclasses.replace(n, ready=False, ready_reason="HeartbeatLost")
-        if heartbeat.is_stale(n, T0_TIME, GRACE_S)
-        else n
-        for n in (placement.NodeView.of(b) for b in sim.node_bodies())
-    ]
+    vi = _vi_model(cached)
+    assert vi is not None
+    nodes = _nodes(sim)
     assigned = [a for a in [placement.assigned_of(vi)] if a is not None]
-    decision = placement.choose(placement.Request.of(vi), nodes, assigned)
-    current = vi.get("status") or {}
+    decision = placement.choose(placement.Request.of(vi), nodes, assigned, _silent(nodes))
+    gen = vi.metadata.generation or 0
     if decision.node is None:
         cond = st.Condition("Scheduled", False, "NoNodeFits", decision.message)
         desired = {
             "phase": "Pending",
-            "conditions": st.merge_conditions(current.get("conditions") or [], [cond], 1),
+            "conditions": st.merge_model_conditions(vi.status.conditions, [cond], gen),
         }
+        current = vi.status.model_dump(mode="json", by_alias=True, exclude_none=True)
         patch = st.changed_fields(current, desired)
         if patch:
             _ctl_patch(sim, cached, patch)
@@ -673,32 +698,34 @@ def place(sim: Sim) -> None:
     patch = {
         "nodeName": decision.node,
         "phase": "Scheduled",
-        "conditions": st.merge_conditions(current.get("conditions") or [], [cond], 1),
+        "conditions": st.merge_model_conditions(vi.status.conditions, [cond], gen),
     }
     _ctl_patch(sim, cached, patch)
 
 
 def heartbeat_check(sim: Sim) -> None:
-    for body in sim.node_bodies():
-        view = placement.NodeView.of(body)
-        if not heartbeat.is_stale(view, T0_TIME, GRACE_S):
+    for node in _nodes(sim):
+        name = node.metadata.name or ""
+        if not heartbeat.is_stale(node, T0_TIME, GRACE_S):
             continue
-        if heartbeat.node_status_patch(body, T0_TIME, GRACE_S):
-            sim.set_node(view.name, ready="Unknown")
+        if heartbeat.node_status_patch(node, T0_TIME, GRACE_S):
+            sim.set_node(name, ready="Unknown")
         cached = sim.ctl_cache
-        if cached is None or cached.stat("nodeName") != view.name:
+        if cached is None or cached.stat("nodeName") != name:
             continue
-        vpatch = heartbeat.instance_status_patch(vi_body(cached), view.name)
+        vi = _vi_model(cached)
+        assert vi is not None
+        vpatch = heartbeat.instance_status_patch(vi, name)
         if vpatch:
-            sim.did = f"node {view.name} silent: instance -> Unknown"
+            sim.did = f"node {name} silent: instance -> Unknown"
             _ctl_patch(sim, cached, vpatch)
 
 
 def _gone_before_running(sim: Sim, view: ml.MigrationView) -> bool:
     if view.phase not in ml.BEFORE_RUNNING - {ml.Phase.PENDING}:
         return False
-    vi = sim.get_vi()
-    return vi is None or bool((vi.get("metadata") or {}).get("deletionTimestamp"))
+    vi = _vi_model(sim.vi)
+    return vi is None or bool(vi.metadata.deletion_timestamp)
 
 
 def migration_controller(sim: Sim) -> None:
@@ -709,19 +736,12 @@ def migration_controller(sim: Sim) -> None:
     sim.did = f"{step.value} ({view.phase})"
     S = ml.Step
     if step is S.SCHEDULE:
-        vi = sim.get_vi()
-        decision = ml.schedule(
-            view,
-            ml.InstanceView.from_body(vi) if vi is not None else None,
-            [ml.NodeView.from_body(n) for n in sim.node_bodies()],
-            [view],
-            ml.Limits(),
-        )
+        decision = sched.schedule(view, _vi_model(sim.vi), _nodes(sim), [view], sched.Limits())
         sim.did += f" -> {type(decision).__name__}"
-        if isinstance(decision, ml.Refused):
+        if isinstance(decision, sched.Refused):
             _mwrite(sim, ml.fail(view, decision.reason))
             return
-        if isinstance(decision, ml.Queued):
+        if isinstance(decision, sched.Queued):
             cond = ml.condition(ml.COND_QUEUED, True, "LimitReached", decision.reason)
             _mwrite(sim, ml.status_patch(view, conditions=[cond]))
             return
@@ -739,16 +759,15 @@ def migration_controller(sim: Sim) -> None:
     elif step is S.TIME_OUT:
         _mwrite(sim, ml.fail(view, f"timed out in phase {view.phase}"))
     elif step is S.HAND_OFF:
-        vi = sim.get_vi()
-        if vi is not None and (vi.get("status") or {}).get("nodeName") == view.source_node:
-            status = vi.get("status") or {}
+        vi = _vi_model(sim.vi)
+        if vi is not None and vi.status.node_name == view.source_node:
             cond = ml.condition("Migrating", False, "Migrated", "moved")
             new = {
                 "nodeName": view.target_node,
                 "phase": "Running",
-                "conditions": ml.merged_conditions(status.get("conditions") or [], [cond]),
+                "conditions": ml.merged_conditions(vi.status.conditions, [cond]),
             }
-            sim.patch_vi_status(new, vi["metadata"]["resourceVersion"])
+            sim.patch_vi_status(new, vi.metadata.resource_version)
         cond = ml.condition(ml.COND_INSTANCE_MOVED, True, "Moved", "moved")
         _mwrite(sim, ml.status_patch(view, conditions=[cond]))
     elif step is S.RELEASE:
@@ -757,34 +776,33 @@ def migration_controller(sim: Sim) -> None:
 
 
 def drain_controller(sim: Sim) -> None:
-    for body in sim.node_bodies():
-        node = ml.NodeView.from_body(body)
-        if not node.drain:
-            if sim.node(node.name).drained:
-                sim.set_node(node.name, drained="")
+    for node in _nodes(sim):
+        facts = sched.NodeFacts.of(node)
+        if not facts.drain:
+            if sim.node(facts.name).drained:
+                sim.set_node(facts.name, drained="")
             continue
-        instances = [ml.InstanceView.from_body(b) for b in sim.list_vi_on(node.name)]
+        on_node = [_vi_model(sim.vi)] if sim.list_vi_on(facts.name) else []
+        instances = [sched.InstanceFacts.of(vi) for vi in on_node if vi is not None]
         migrations = [] if sim.mig is None else [ml.MigrationView.from_body(mig_body(sim.mig))]
-        to_migrate, to_replace, message = drain.plan(node.name, instances, migrations)
+        to_migrate, to_replace, message = drain.plan(facts.name, instances, migrations)
         for inst in to_migrate:
-            m = drain.drain_migration(inst, node.name)
+            m = drain.drain_migration(inst, facts.name)
             with contextlib.suppress(Conflict):
                 sim.create_mig(m["metadata"]["name"], world.freeze(m["spec"]))
         for _inst in to_replace:
-            vi = sim.get_vi()
-            current = (vi or {}).get("status") or {}
-            if (
-                current.get("nodeName") != node.name
-                or current.get("phase") not in drain.NOT_RUNNING
-            ):
+            vi = _vi_model(sim.vi)
+            if vi is None:
                 continue
-            assert vi is not None
-            cond = ml.condition("Evicted", True, "NodeDrained", f"stopped on {node.name}")
+            phase = vi.status.phase.value if vi.status.phase else ""
+            if vi.status.node_name != facts.name or phase not in drain.NOT_RUNNING:
+                continue
+            cond = st.Condition("Evicted", True, "NodeDrained", f"stopped on {facts.name}")
             new = {
                 "nodeName": None,
                 "phase": "Pending",
-                "conditions": ml.merged_conditions(current.get("conditions") or [], [cond]),
+                "conditions": st.merge_model_conditions(vi.status.conditions, [cond]),
             }
             with contextlib.suppress(Conflict):
-                sim.patch_vi_status(new, vi["metadata"]["resourceVersion"])
-        sim.set_node(node.name, drained="True" if message == "" else "False")
+                sim.patch_vi_status(new, vi.metadata.resource_version)
+        sim.set_node(facts.name, drained="True" if message == "" else "False")

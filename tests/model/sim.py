@@ -98,6 +98,7 @@ def node_body(name: str, node: world.Node, stale: bool) -> dict[str, Any]:
         "kind": "NodeHypervisor",
         "metadata": {"name": name, "labels": {}, "resourceVersion": "1"},
         "spec": {
+            "nodeName": name,
             "hypervisor": "kvm",
             "schedulable": True,
             "drain": node.drain,
