@@ -65,6 +65,7 @@ class Scenario:
 def _boot(run: Run, **spec: Any) -> str:
     run.guest(**spec)
     st = run.wait_vi(lambda s: s.get("phase") == "Running" and bool(s.get("nodeName")), "Running")
+    run.booted = True
     return str(st["nodeName"])
 
 
@@ -253,15 +254,20 @@ def _qemu_pids(domain: str) -> list[int]:
 
 def _make_failed(run: Run) -> None:
     """Crash the guest's QEMU until the agent gives up (crash limit 2): phase Failed."""
-    for _ in range(8):
-        if run.vi_status().get("phase") == "Failed":
+    for _ in range(6):
+        st = run.vi_status()
+        if st.get("phase") == "Failed":
             return
-        for pid in _qemu_pids(run.domain):
+        count = st.get("restartCount") or 0
+        pids = run.wait(lambda: _qemu_pids(run.domain), "the guest's QEMU", 60)
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ScenarioFailed):
-            run.wait_vi(lambda s: s.get("phase") in ("Running", "Failed"), "restart", 30)
-        time.sleep(1.0)
+
+        def moved(s: dict[str, Any], before: int = count) -> bool:
+            return s.get("phase") == "Failed" or (s.get("restartCount") or 0) > before
+
+        run.wait_vi(moved, "a restart or phase Failed", 90)
     run.wait_vi(lambda s: s.get("phase") == "Failed", "phase Failed", 60)
 
 
@@ -386,8 +392,10 @@ def two_replicas(run: Run, sc: Scenario) -> None:
     holder = wait_for(lambda: _lease_holder(run), 90, "a replica holding the Lease", 0.5)
     leader = next(p for p in replicas if p.name == holder)
     standby = next(p for p in replicas if p is not leader)
-    standby_port = ports[replicas.index(standby)]
-    health = f"http://127.0.0.1:{standby_port}/healthz"
+    health = f"http://127.0.0.1:{ports[replicas.index(standby)]}/healthz"
+    leader_health = f"http://127.0.0.1:{ports[replicas.index(leader)]}/healthz"
+    # The probe itself must work: the leader answers.
+    run.wait(lambda: _get(leader_health) == 200, "the leader's /healthz", 60)
     try:
         run.wait(lambda: _get(health) == 200, "the standby's /healthz", 60)
     except ScenarioFailed:
@@ -529,7 +537,7 @@ def _after(run: Run, cluster: FaultKvmCluster, lane: Lane, outcome: Outcome) -> 
             proc.start()
     if not outcome.passed:
         want_running = outcome.scenario.startswith(("live-", "nonlive-", "abort", "two-", "api"))
-        if want_running and not [s for s in run.copies().values() if s == "running"]:
+        if want_running and run.booted and not [s for s in run.copies().values() if s == "running"]:
             outcome.lost = 1
         outcome.detail += "\n" + cluster.logs(40, only=[*lane.agents.values(), cluster.controller])
     run.sampler.forget(run.domain)

@@ -108,12 +108,13 @@ class Run:
         self.client: Any = cluster.control_plane.api_client()
         self.custom: Any = kubernetes.client.CustomObjectsApi(self.client)
         self.notes: list[str] = []
+        self.booted = False
 
     def note(self, text: str) -> None:
         self.notes.append(text)
 
     # --- objects -------------------------------------------------------------------------------
-    def _retry(self, fn: Callable[[], Any], attempts: int = 20) -> Any:
+    def _retry(self, fn: Callable[[], Any], attempts: int = 120) -> Any:
         """API calls ride out an API server restart (connection refused for a few seconds)."""
         for i in range(attempts):
             try:
