@@ -11,12 +11,13 @@ import pytest
 
 from kubehv.operator import drain
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_scheduling as sched
 
 
 def inst(
     name: str, node: str | None = "a", policy: str = "LiveMigrate", phase: str = "Running"
-) -> ml.InstanceView:
-    return ml.InstanceView(
+) -> sched.InstanceFacts:
+    return sched.InstanceFacts(
         name=name,
         namespace="ns",
         node_name=node,
@@ -43,6 +44,18 @@ def test_plan_per_policy() -> None:
     assert "4 instance(s) left" in message and "stopme" in message
     assert drain.drain_migration(to_migrate[1], "a")["spec"]["mode"] == "non-live"
     assert drain.drain_migration(to_migrate[0], "a")["spec"]["mode"] == "live"
+
+
+def test_plan_replaces_what_runs_nowhere_whatever_its_policy() -> None:
+    """A Stopped or Failed instance needs no live migration (issue: Drained never True)."""
+    instances = [
+        inst("stopped-live", phase="Stopped"),
+        inst("failed-cold", policy="Migrate", phase="Failed"),
+        inst("paused", phase="Paused"),
+    ]
+    to_migrate, to_replace, _ = drain.plan("a", instances, [])
+    assert [i.name for i in to_replace] == ["stopped-live", "failed-cold"]
+    assert [i.name for i in to_migrate] == ["paused"]
 
 
 def test_plan_skips_busy_and_reports_failed() -> None:
