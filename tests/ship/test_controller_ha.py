@@ -205,6 +205,9 @@ def test_expiry_is_judged_on_the_observers_clock(control_plane: Any, namespace: 
             coordination.replace_namespaced_lease(name, namespace, lease)
             clock.now += 14.0
             assert not elector.try_acquire(), "took it though the holder had just renewed"
+            # 14 s after it *saw* the renewal: still not; 15.5 s after: yes.
+            clock.now += 14.0
+            assert not elector.try_acquire(), "took it before a lease duration since the renewal"
             clock.now += 1.5
             assert elector.try_acquire(), "did not take a Lease unchanged for 15.5 s"
             got = coordination.read_namespaced_lease(name, namespace).spec
