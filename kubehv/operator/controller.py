@@ -245,6 +245,7 @@ def run(cfg: opsettings.ControllerSettings) -> int:
     probes = health.Health()
     if cfg.health_port:
         probes.serve(cfg.health_port)
+    metrics.serve(cfg.metrics_port)  # a standby too: kubehv_leader 0
     keeper = webhook.cluster_keeper(api_client) if cfg.webhook_port else None
     if keeper is not None:
         admission = webhook.AdmissionServer(keeper, cfg.webhook_port)
@@ -265,7 +266,7 @@ def run(cfg: opsettings.ControllerSettings) -> int:
         elector.acquire()
     else:
         probes.is_leader = lambda: True
-    metrics.serve(cfg.metrics_port)
+        leader.LEADER.set(1)
     registry = kopf.OperatorRegistry()
     opsettings.register_login(registry)
     register(registry, ctx)

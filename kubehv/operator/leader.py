@@ -33,8 +33,17 @@ from collections.abc import Callable
 from typing import Any
 
 import kubernetes
+import prometheus_client
+
+from kubehv.operator import metrics
 
 log = logging.getLogger(__name__)
+
+LEADER = prometheus_client.Gauge(
+    "kubehv_leader",
+    "1 while this controller process holds the leader Lease, else 0 (a standby).",
+    registry=metrics.REGISTRY,
+)
 
 LOST_EXIT_CODE = 3
 
@@ -181,6 +190,7 @@ class Elector:
             self._stop.wait(self.timing.retry_period_s)
         log.info("leading as %s (lease %s/%s)", self.identity, self.namespace, self.name)
         self.leading.set()
+        LEADER.set(1)
         threading.Thread(target=self._renew_forever, name="lease-renew", daemon=True).start()
 
     def _renew_forever(self) -> None:
@@ -202,6 +212,7 @@ class Elector:
 
     def _lost(self) -> None:
         self.leading.clear()
+        LEADER.set(0)
         self.on_lost()
 
     def release(self) -> None:
@@ -210,6 +221,7 @@ class Elector:
         if not self.leading.is_set():
             return
         self.leading.clear()
+        LEADER.set(0)
         try:
             lease = self.api.read_namespaced_lease(
                 self.name, self.namespace, _request_timeout=self.timing.request_timeout_s
