@@ -135,11 +135,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with kube.Kube(args) as k:
             argv, message = console_argv(args, k)
-    except kube.ApiException as exc:
-        if exc.status == 404:
-            return kube.fail(f"not found: {kube.api_error(exc)}")
-        return kube.fail(kube.api_error(exc))
-    except (LookupError, kube.BadObject) as exc:
+    except (kube.ApiException, kube.BadObject) as exc:
+        return kube.failure(exc)
+    except LookupError as exc:
         return kube.fail(str(exc))
     if message:
         print(message)
