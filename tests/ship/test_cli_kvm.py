@@ -11,6 +11,7 @@ pseudo-terminal as a person would. ``kubehv restart`` must reboot that guest (a 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import select
@@ -108,3 +109,38 @@ def test_console_attaches_to_the_real_guest_and_verbs_drive_it(
     start = cli(c, "start", VM, "-n", ns, "--wait", "--timeout", "150")
     assert start.returncode == 0, start.stdout + start.stderr
     assert domain in c.domains(node)
+
+
+def test_vnc_prints_the_endpoint_qemu_really_serves(
+    kvm_cluster: KvmCluster,  # noqa: F811
+    e2e_namespace: str,  # noqa: F811
+) -> None:
+    c, ns, name = kvm_cluster, e2e_namespace, "cli-vnc"
+    manifest = json.loads(c.guest_manifest(ns, name))
+    manifest["spec"]["console"] = {"serial": True, "vnc": {"enabled": True}}
+    c.kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
+
+    def endpoint() -> tuple[str, str] | None:
+        status = (c.get("virtualinstances", ns, name) or {}).get("status") or {}
+        console = str(status.get("console") or "")
+        if status.get("phase") == "Running" and console.startswith("vnc://"):
+            return status["nodeName"], console
+        return None
+
+    node, console = wait_for(endpoint, 180, f"{name} Running with a VNC endpoint")
+    proc = cli(c, "vnc", name, "-n", ns)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{name}: {console} on node {node}"
+    host, port = console.removeprefix("vnc://").rsplit(":", 1)
+    assert f"ssh -N -L {port}:{host}:{port} {node}" in proc.stdout  # loopback on the node
+    # What listens there is QEMU's VNC server: its RFB greeting, read inside the node.
+    probe = (
+        f"import socket; s = socket.create_connection(({host!r}, {port}), timeout=10); "
+        "print(s.recv(12).decode())"
+    )
+    greeting = subprocess.run(
+        [*c.nodes[node].nsenter_argv(), sys.executable, "-c", probe],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert greeting.stdout.startswith("RFB 003."), greeting.stdout + greeting.stderr

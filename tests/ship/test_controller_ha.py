@@ -32,7 +32,7 @@ from tests.fixtures.operator import GROUP, VERSION, VI, Proc, fake_vi_body, wait
 
 pytestmark = pytest.mark.apiserver
 
-LEASE_S = 6.0  # renew deadline 4 s, retry 0.8 s (client-go's proportions)
+LEASE_S = 10.0  # renew deadline 6.7 s, retry 1.3 s (client-go's proportions)
 
 
 def http_status(port: int, path: str) -> int:
