@@ -299,35 +299,44 @@ def agent_pod(kubehv_installed: controlplane.ControlPlane, node: str) -> Iterato
 def test_console_from_a_workstation_goes_through_the_agent_pod(
     kubehv_installed: controlplane.ControlPlane, admin: Any, nodes: list[str], user_namespace: str
 ) -> None:
-    """A node whose URI is local to it (qemu:///system): from here, virsh must run in the agent
-    pod on that node — a local URI here would reach this machine's own libvirtd."""
+    """The agent advertises qemu+tls://<node address>/system. From a workstation virsh runs in
+    the agent pod on that node, on the node-local URI (no TLS client certificate, no route to
+    the node needed); on the node itself, locally; with no agent pod, on the advertised URI."""
     node = nodes[1]
-    admin.patch_cluster_custom_object(
-        GROUP, VERSION, "nodehypervisors", node,
-        {"spec": {"hypervisor": "kvm", "connectionURI": "qemu:///system"}},
-    )  # fmt: skip
+
+    def uri(value: str) -> None:
+        admin.patch_cluster_custom_object(
+            GROUP, VERSION, "nodehypervisors", node,
+            {"spec": {"hypervisor": "kvm", "connectionURI": value}},
+        )  # fmt: skip
+
+    def printed(**env: str) -> subprocess.CompletedProcess[str]:
+        return kubehv(kubehv_installed, "console", "vm", "-n", user_namespace, "--print", env=env)
+
     place(admin, user_namespace, "vm", node)
     domain = f"{user_namespace}.vm"
-
-    proc = kubehv(kubehv_installed, "console", "vm", "-n", user_namespace, "--print")
+    uri("qemu:///system")  # a node-local URI and no agent pod: nothing can reach it
+    proc = printed()
     assert proc.returncode == 1
     assert f"no running kubehv agent pod on node {node}" in proc.stderr
 
+    uri("qemu+tls://192.0.2.7/system")
+    proc = printed()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["virsh", "-c", "qemu+tls://192.0.2.7/system", "console", domain]
+
     for pod in agent_pod(kubehv_installed, node):
-        proc = kubehv(kubehv_installed, "console", "vm", "-n", user_namespace, "--print")
+        proc = printed()
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == [
             "kubectl", "exec", "-it", "-n", "kubehv-system", pod, "-c", "agent", "--",
             "virsh", "-c", "qemu:///system", "console", domain,
         ]  # fmt: skip
-        # On the node itself (NODE_NAME, as in the agent pod) the same URI is used directly.
-        env_proc = kubehv(
-            kubehv_installed,
-            "console",
-            "vm",
-            "-n",
-            user_namespace,
-            "--print",
-            env={"NODE_NAME": node},
+        # On the node itself (NODE_NAME, as in the agent pod): the local URI, here.
+        on_node = printed(NODE_NAME=node)
+        assert on_node.stdout.split() == ["virsh", "-c", "qemu:///system", "console", domain]
+        # Forced direct from a workstation: the advertised URI.
+        forced = kubehv(
+            kubehv_installed, "console", "vm", "-n", user_namespace, "--print", "--via", "direct"
         )
-        assert env_proc.stdout.split() == ["virsh", "-c", "qemu:///system", "console", domain]
+        assert forced.stdout.split()[2] == "qemu+tls://192.0.2.7/system"
