@@ -108,14 +108,14 @@ def agent_pod(k: kube.Kube, node: str, namespace: str, selector: str) -> str:
     return str(running[0].metadata.name)
 
 
-def in_agent_pod(args: argparse.Namespace, pod: str, command: list[str], tty: bool) -> list[str]:
-    """``kubectl exec`` of ``command`` in the agent pod, with this command's kubeconfig."""
+def in_agent_pod(args: argparse.Namespace, pod: str, command: list[str]) -> list[str]:
+    """``kubectl exec -it`` of ``command`` in the agent pod, with this command's kubeconfig."""
     argv = [os.environ.get("KUBECTL", "kubectl")]
     if getattr(args, "kubeconfig", None):
         argv.append(f"--kubeconfig={args.kubeconfig}")
     if getattr(args, "context", None):
         argv.append(f"--context={args.context}")
-    argv += ["exec", "-it" if tty else "-i", "-n", args.agent_namespace, pod]
+    argv += ["exec", "-it", "-n", args.agent_namespace, pod]
     return [*argv, "-c", AGENT_CONTAINER, "--", *command]
 
 
@@ -145,7 +145,7 @@ def console_argv(args: argparse.Namespace, k: kube.Kube) -> tuple[list[str], str
                 f"cannot find the agent pod on {node}: {kube.api_error(exc)}"
             ) from exc
         raise
-    return in_agent_pod(args, pod, virsh(local_uri(uri)), tty=True), ""
+    return in_agent_pod(args, pod, virsh(local_uri(uri))), ""
 
 
 def run(args: argparse.Namespace) -> int:
