@@ -19,7 +19,15 @@ import kopf
 
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
-from kubehv.operator import context, drain, k8s, metrics, migration_agent, node_status
+from kubehv.operator import (
+    balloon_loop,
+    context,
+    drain,
+    k8s,
+    metrics,
+    migration_agent,
+    node_status,
+)
 from kubehv.operator import instances as instances_mod
 from kubehv.operator import settings as opsettings
 
@@ -71,6 +79,8 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> None
     async def start_timers(**_: Any) -> None:
         tasks.append(asyncio.create_task(publisher.run_forever(), name="heartbeat"))
         tasks.append(asyncio.create_task(_watcher(ctx, reconciler), name="watcher"))
+        balloons = balloon_loop.BalloonLoop(ctx, reconciler)
+        tasks.append(asyncio.create_task(balloons.run_forever(), name="balloon"))
 
     @kopf.on.cleanup(registry=registry, id="agent-timers-stop")
     async def stop_timers(**_: Any) -> None:

@@ -14,7 +14,7 @@ import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from kubehv.operator import status, translate
+from kubehv.operator import memory_commit, status, translate
 
 # Phases in which an assigned instance holds (or is about to hold) memory on its node.
 HOLDING = frozenset(
@@ -46,6 +46,7 @@ class NodeView:
     memory_free_mib: int
     memory_dom0_mib: int
     last_heartbeat: datetime.datetime | None
+    capacity: memory_commit.Capacity | None = None  # None: not counted (a bare view)
 
     @classmethod
     def of(cls, nhv: Mapping[str, Any]) -> NodeView:
@@ -65,6 +66,7 @@ class NodeView:
             memory_free_mib=int(st.get("memoryFree") or 0),
             memory_dom0_mib=int(st.get("memoryDom0") or 0),
             last_heartbeat=status.parse_time(st.get("lastHeartbeat")),
+            capacity=memory_commit.Capacity.of(nhv),
         )
 
     def heartbeat_age_s(self, now: datetime.datetime) -> float | None:
@@ -81,6 +83,7 @@ class Assigned:
     phase: str
     memory_mib: int  # actual memory if reported, else min memory
     reported: bool
+    commit: memory_commit.Commit = memory_commit.NOTHING
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,6 +93,7 @@ class Request:
     memory_min_mib: int
     pin: str | None
     selector: Mapping[str, str]
+    commit: memory_commit.Commit = memory_commit.NOTHING
 
     @classmethod
     def of(cls, vi: Mapping[str, Any]) -> Request:
@@ -101,6 +105,7 @@ class Request:
             memory_min_mib=mem_min,
             pin=spec.get("nodeName") or None,
             selector=dict(spec.get("nodeSelector") or {}),
+            commit=memory_commit.Commit.of(vi),
         )
 
 
@@ -127,7 +132,13 @@ def assigned_of(vi: Mapping[str, Any]) -> Assigned | None:
     actual = translate.to_mib(st.get("actualMemory"))
     mem_min, _ = translate.memory_mib(vi.get("spec") or {})
     reported = phase not in UNREPORTED and actual is not None
-    return Assigned(str(node), phase, actual if actual is not None else mem_min, reported)
+    return Assigned(
+        str(node),
+        phase,
+        actual if actual is not None else mem_min,
+        reported,
+        memory_commit.Commit.of(vi),
+    )
 
 
 def free_memory(node: NodeView, assigned: Iterable[Assigned]) -> int:
@@ -174,4 +185,7 @@ def _unfit(request: Request, node: NodeView, assigned: Sequence[Assigned]) -> st
     free = free_memory(node, assigned)
     if request.memory_min_mib > free:
         return f"needs {request.memory_min_mib} MiB, {free} MiB free"
-    return ""
+    if node.capacity is None:
+        return ""
+    mine = (a.commit for a in assigned if a.node == node.name)
+    return memory_commit.unfit(request.commit, node.capacity, mine)
