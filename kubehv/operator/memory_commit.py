@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from kubehv.operator import translate
 
@@ -75,3 +75,37 @@ def unfit(request: Commit, capacity: Capacity, on_node: Iterable[Commit]) -> str
             f"(overcommit ratio {capacity.ratio:g} x {capacity.guest_mib} MiB)"
         )
     return ""
+
+
+NodeBody = TypeVar("NodeBody", bound=Mapping[str, Any])
+
+
+def migration_targets(
+    vi: Mapping[str, Any],
+    nhvs: Iterable[NodeBody],
+    instances: Iterable[Mapping[str, Any]],
+) -> tuple[list[NodeBody], dict[str, str]]:
+    """Split candidate target nodes for migrating ``vi`` by committed memory.
+
+    Returns the NodeHypervisors it fits on (its source node included: it is already
+    counted there) and, for the others, why not. Counted on a target: every instance placed
+    there (``status.nodeName``) except ``vi`` itself.
+    """
+    uid = (vi.get("metadata") or {}).get("uid")
+    source = (vi.get("status") or {}).get("nodeName")
+    request = Commit.of(vi)
+    per_node: dict[str, list[Commit]] = {}
+    for other in instances:
+        node = (other.get("status") or {}).get("nodeName")
+        if node and (other.get("metadata") or {}).get("uid") != uid:
+            per_node.setdefault(str(node), []).append(Commit.of(other))
+    fits: list[NodeBody] = []
+    unfit_nodes: dict[str, str] = {}
+    for nhv in nhvs:
+        name = str((nhv.get("metadata") or {}).get("name", ""))
+        why = "" if name == source else unfit(request, Capacity.of(nhv), per_node.get(name, []))
+        if why:
+            unfit_nodes[name] = f"target node {name}: {why}"
+        else:
+            fits.append(nhv)
+    return fits, unfit_nodes

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import kopf
 
+from kubehv.operator import memory_commit, migration_store
 from kubehv.operator import migration_logic as ml
-from kubehv.operator import migration_store
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ class MigrationController:
         vi = await migration_store.call(self.store.get_instance, view.namespace, view.instance)
         nodes = await migration_store.call(self.store.list_nodes)
         others = await migration_store.call(self.store.list_migrations)
+        if vi is not None:  # the same committed-memory rule as placement (memory_commit)
+            placed = await migration_store.call(self.store.list_instances)
+            nodes, unfit = memory_commit.migration_targets(vi, nodes, placed)
+            if view.requested_target in unfit:
+                await self._write(view, ml.fail(view, unfit[view.requested_target]))
+                return
         decision = ml.schedule(
             view,
             ml.InstanceView.from_body(vi) if vi is not None else None,

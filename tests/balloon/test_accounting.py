@@ -143,3 +143,15 @@ def test_fake_guest_stats_follow_its_use_and_fault_when_squeezed(tmp_path: Path)
     assert squeezed.usable_mib == 0
     assert squeezed.major_faults is not None and squeezed.major_faults > 0
     assert drv.get_instance_memory_stats("absent") is None
+
+
+def test_migration_targets_use_the_same_committed_memory() -> None:
+    moving = vi("m", "96Mi", "256Mi", False, "src")
+    moving["metadata"]["uid"] = "m"
+    full = nhv("full", cap="512Mi", ratio=2.0)
+    roomy = nhv("roomy", cap="1Gi", ratio=2.0)
+    source = nhv("src", cap="256Mi")
+    placed = [moving] + [vi(f"f{i}", "96Mi", "256Mi", True, "full") for i in range(3)]
+    fits, unfit = memory_commit.migration_targets(moving, [full, roomy, source], placed)
+    assert [n["metadata"]["name"] for n in fits] == ["roomy", "src"]
+    assert "committed memory would be 544 MiB" in unfit["full"], unfit

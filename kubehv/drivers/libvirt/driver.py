@@ -411,9 +411,11 @@ class LibvirtHypervisor(base.BaseHypervisor):
         with self.conn.translated(f"accept {instance.name}"):
             if self._lookup(instance.name) is not None:
                 raise errors.InstanceAlreadyRunning(instance.name)
+            # min, as the controller's placement and migration scheduling count it: the
+            # source balloons the guest down to fit before it sends it (memory_commit).
             free = self.get_node_info().memory_free_mib
-            if instance.memory_max_mib > free:
-                raise errors.InsufficientMemory(instance.name, instance.memory_max_mib, free)
+            if instance.memory_min_mib > free:
+                raise errors.InsufficientMemory(instance.name, instance.memory_min_mib, free)
 
     def migrate_instance(
         self,
