@@ -127,13 +127,15 @@ class BalloonLoop:
 
     async def tick(self) -> policy.Outcome | None:
         """One pass: read, decide, apply. Returns the policy's outcome (None: nothing to do)."""
-        await self._refresh_cap()
         drv = self.ctx.driver
         bodies = {
             uid: b
             for uid, b in list(self.reconciler.bodies.items())
             if auto_ballooned(b, self.ctx.node_name)
         }
+        if not bodies and not self.states:
+            return None  # nothing auto-ballooned here: no driver or API calls at all
+        await self._refresh_cap()
         with metrics.timed_driver_call("get_all_instances_info"):
             infos = await k8s.call(drv.get_all_instances_info)
         names = {uid: translate.instance_name(b) for uid, b in bodies.items()}
