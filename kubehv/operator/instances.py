@@ -19,7 +19,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubehv.drivers import errors, values
-from kubehv.operator import context, events, instance_logic, k8s, metrics, status, translate
+from kubehv.operator import (
+    context,
+    events,
+    instance_logic,
+    k8s,
+    memory_footprint,
+    metrics,
+    status,
+    translate,
+)
 
 log = logging.getLogger(__name__)
 L = instance_logic
@@ -81,7 +90,7 @@ class Reconciler:
         old = self.bodies.get(uid)
         if old is not None and _rv(old) > _rv(body):
             return  # we already hold a newer copy (our own patch response)
-        self.bodies[uid] = dict(body)
+        self.bodies[uid] = memory_footprint.slim(body)  # no managedFields (agent RSS)
 
     async def reconcile(self, uid: str) -> None:
         lock = self.locks.setdefault(uid, asyncio.Lock())

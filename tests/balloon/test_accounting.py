@@ -16,7 +16,7 @@ from kubehv.drivers import values
 from kubehv.drivers.fake import memstats as fake_memstats
 from kubehv.drivers.fake.driver import FakeHypervisor
 from kubehv.drivers.libvirt import memstats
-from kubehv.operator import memory_commit, memory_node, placement
+from kubehv.operator import memory_commit, memory_footprint, memory_node, placement
 
 
 def vi(name: str, lo: str, hi: str, auto: bool, node: str | None = None) -> dict[str, Any]:
@@ -155,3 +155,17 @@ def test_migration_targets_use_the_same_committed_memory() -> None:
     fits, unfit = memory_commit.migration_targets(moving, [full, roomy, source], placed)
     assert [n["metadata"]["name"] for n in fits] == ["roomy", "src"]
     assert "committed memory would be 544 MiB" in unfit["full"], unfit
+
+
+def test_cached_bodies_drop_what_kubehv_never_reads() -> None:
+    body = vi("x", "96Mi", "256Mi", True, "a")
+    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    body["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+        "team": "blue",
+    }
+    slim = memory_footprint.slim(body)
+    assert "managedFields" not in slim["metadata"]
+    assert slim["metadata"]["annotations"] == {"team": "blue"}
+    assert slim["spec"] is body["spec"] and slim["status"] is body["status"]
+    assert "managedFields" in body["metadata"]  # the caller's object is untouched
