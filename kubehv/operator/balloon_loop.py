@@ -4,10 +4,10 @@ Why this module exists: :mod:`balloon_policy` decides, this module does the I/O 
 once per ``balloon_interval_s``: which of this node's instances are auto-ballooned
 (``spec.autoBalloon.enabled`` without a fixed ``target``, phase Running), their balloon
 statistics from the driver, the node's free memory and PSI, the NodeHypervisor's
-``guestMemoryCap``; then one ``balloon_instance_memory`` per guest whose target moved, under
-that instance's reconcile lock (so a balloon move never races a start, stop or migration
-step of the same instance). Every move is visible: ``status.actualMemory`` and
-``status.guestUsedMemory`` (the reconciler and this loop), an Event on moves of at least
+``guestMemoryCap``; then one ``balloon_instance_memory`` per guest whose target moved, run by
+that instance's owner (:meth:`owner.Owner.alone`), so a balloon move never races a start,
+stop or migration step of the same instance. Every move is visible: ``status.actualMemory`` and
+``status.guestUsedMemory`` (the owner and this loop), an Event on moves of at least
 ``Knobs.large_move_mib``, and per-guest gauges ``kubehv_balloon_*_mib``.
 """
 
@@ -17,23 +17,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import prometheus_client
 
+from kubehv import api
 from kubehv.api import quantity
 from kubehv.drivers import errors, values
 from kubehv.operator import balloon_policy as policy
-from kubehv.operator import (
-    context,
-    events,
-    instances,
-    k8s,
-    memory_node,
-    metrics,
-    translate,
-)
+from kubehv.operator import context, events, k8s, memory_node, metrics, translate
+from kubehv.operator import owner as owner_mod
 
 log = logging.getLogger(__name__)
 
@@ -71,32 +63,30 @@ PRESSURE = prometheus_client.Gauge(
 )
 
 
-def auto_ballooned(body: Mapping[str, Any], node: str) -> bool:
+def auto_ballooned(vi: api.VirtualInstance, node: str) -> bool:
     """Whether the loop, not a fixed target, drives this instance's balloon now."""
-    spec = body.get("spec") or {}
-    st = body.get("status") or {}
-    auto = spec.get("autoBalloon") or {}
+    spec, st = vi.spec, vi.status
     return (
-        auto.get("enabled") is True
-        and auto.get("target") is None
-        and spec.get("runState", "Running") == "Running"
-        and st.get("nodeName") == node
-        and st.get("phase") == "Running"
-        and not (body.get("metadata") or {}).get("deletionTimestamp")
+        spec.auto_balloon.enabled
+        and spec.auto_balloon.target is None
+        and spec.run_state is api.virtualinstance.RunState.RUNNING
+        and st.node_name == node
+        and st.phase is api.virtualinstance.Phase.RUNNING
+        and not vi.metadata.deletion_timestamp
     )
 
 
 class BalloonLoop:
-    """One per agent; shares the reconciler's cache of bodies and its per-instance locks."""
+    """One per agent; reads the owner's instances and acts through the owner."""
 
     def __init__(
         self,
         ctx: context.AgentContext,
-        reconciler: instances.Reconciler,
+        owner: owner_mod.Owner,
         knobs: policy.Knobs | None = None,
     ) -> None:
         self.ctx = ctx
-        self.reconciler = reconciler
+        self.owner = owner
         self.knobs = knobs or policy.Knobs()
         self.states: dict[str, policy.GuestState] = {}
         self.cap_mib: int | None = None
@@ -120,36 +110,37 @@ class BalloonLoop:
         now = time.monotonic()
         if now - self.nhv_read_at < NHV_REFRESH_S:
             return
-        nhv = await k8s.call(self.ctx.kube.get_nhv, self.ctx.node_name)
+        body = await k8s.call(self.ctx.kube.get_node, self.ctx.node_name)
         self.nhv_read_at = now
-        if nhv is not None:
-            self.cap_mib = translate.to_mib((nhv.get("spec") or {}).get("guestMemoryCap"))
+        if body is not None:
+            nhv = api.NodeHypervisor.model_validate(body)
+            self.cap_mib = translate.to_mib(nhv.spec.guest_memory_cap)
 
     async def tick(self) -> policy.Outcome | None:
         """One pass: read, decide, apply. Returns the policy's outcome (None: nothing to do)."""
         drv = self.ctx.driver
         bodies = {
-            uid: b
-            for uid, b in list(self.reconciler.bodies.items())
-            if auto_ballooned(b, self.ctx.node_name)
+            key: vi
+            for key, vi in self.owner.instances().items()
+            if auto_ballooned(vi, self.ctx.node_name)
         }
         if not bodies and not self.states:
             return None  # nothing auto-ballooned here: no driver or API calls at all
         await self._refresh_cap()
         with metrics.timed_driver_call("get_all_instances_info"):
             infos = await k8s.call(drv.get_all_instances_info)
-        names = {uid: translate.instance_name(b) for uid, b in bodies.items()}
+        names = {key: translate.instance_name(vi) for key, vi in bodies.items()}
         auto_names = set(names.values())
         fixed = sum(i.memory_mib for i in infos if i.name not in auto_names)
         guests: list[policy.Guest] = []
         by_name: dict[str, str] = {}
-        for uid, body in bodies.items():
-            stats = await self._stats(names[uid])
+        for key, vi in bodies.items():
+            stats = await self._stats(names[key])
             if stats is None:
                 continue
-            mem_min, mem_max = translate.memory_mib(body.get("spec") or {})
-            guests.append(policy.Guest(names[uid], mem_min, mem_max, stats))
-            by_name[names[uid]] = uid
+            mem = vi.spec.memory
+            guests.append(policy.Guest(names[key], mem.min_mib, mem.max_mib, stats))
+            by_name[names[key]] = key
         self._forget(set(by_name))
         if not guests:
             PRESSURE.set(0)
@@ -204,61 +195,63 @@ class BalloonLoop:
                     with contextlib.suppress(KeyError):
                         gauge.remove(name)
 
-    async def _move(self, uid: str, target: policy.Target) -> None:
-        lock = self.reconciler.locks.setdefault(uid, asyncio.Lock())
-        async with lock:
-            body = self.reconciler.bodies.get(uid)
-            if body is None or not auto_ballooned(body, self.ctx.node_name):
-                return  # it changed while we decided: next pass
-            spec = translate.instance_spec(body, self.ctx.node_defaults)
-            direction = "grow" if target.move_mib > 0 else "shrink"
-            try:
-                with metrics.timed_driver_call("balloon_instance_memory"):
-                    await k8s.call(self.ctx.driver.balloon_instance_memory, spec, target.target_mib)
-            except errors.HypervisorError as exc:
-                MOVES.labels(direction=direction, result="error").inc()
-                log.warning("balloon %s to %s MiB failed: %s", spec.name, target.target_mib, exc)
-                return
-            MOVES.labels(direction=direction, result="ok").inc()
-            log.info(
-                "balloon %s: %s -> %s MiB (%s)",
-                spec.name,
-                target.actual_mib,
-                target.target_mib,
-                target.why,
-            )
-            if abs(target.move_mib) >= self.knobs.large_move_mib:
-                await events.apost(
-                    self.ctx.kube,
-                    body,
-                    "Ballooned",
-                    f"auto-balloon moved {spec.name} from {target.actual_mib} MiB to "
-                    f"{target.target_mib} MiB ({target.why})",
-                    component=f"kubehv-agent/{self.ctx.node_name}",
-                )
+    async def _move(self, key: str, target: policy.Target) -> None:
+        if self.owner.busy(key):
+            return  # its owner is acting on it (start, stop, migration...): next pass
+        await self.owner.alone(key, lambda: self._balloon(key, target))
 
-    async def _report_used(self, uid: str, stats: values.MemoryStats) -> None:
-        """Keep ``status.guestUsedMemory`` (and ``actualMemory``) current, writing on change."""
-        body = self.reconciler.bodies.get(uid)
-        used = stats.used_mib
-        if body is None or used is None:
+    async def _balloon(self, key: str, target: policy.Target) -> None:
+        vi = self.owner.instances().get(key)
+        if vi is None or not auto_ballooned(vi, self.ctx.node_name):
+            return  # it changed while we decided: next pass
+        spec = translate.instance_spec(vi, self.ctx.node_defaults)
+        direction = "grow" if target.move_mib > 0 else "shrink"
+        try:
+            with metrics.timed_driver_call("balloon_instance_memory"):
+                await k8s.call(self.ctx.driver.balloon_instance_memory, spec, target.target_mib)
+        except errors.HypervisorError as exc:
+            MOVES.labels(direction=direction, result="error").inc()
+            log.warning("balloon %s to %s MiB failed: %s", spec.name, target.target_mib, exc)
             return
-        last = self.reported_used.get(uid)
+        MOVES.labels(direction=direction, result="ok").inc()
+        log.info(
+            "balloon %s: %s -> %s MiB (%s)",
+            spec.name,
+            target.actual_mib,
+            target.target_mib,
+            target.why,
+        )
+        if abs(target.move_mib) >= self.knobs.large_move_mib:
+            await events.apost(
+                self.ctx.kube,
+                vi,
+                "Ballooned",
+                f"auto-balloon moved {spec.name} from {target.actual_mib} MiB to "
+                f"{target.target_mib} MiB ({target.why})",
+                component=f"kubehv-agent/{self.ctx.node_name}",
+            )
+
+    async def _report_used(self, key: str, stats: values.MemoryStats) -> None:
+        """Keep ``status.guestUsedMemory`` current, writing it only when it moved."""
+        vi = self.owner.instances().get(key)
+        used = stats.used_mib
+        if vi is None or used is None:
+            return
+        last = self.reported_used.get(key)
         if last is not None and abs(last - used) < USED_REPORT_STEP_MIB:
             return
-        st = body.get("status") or {}
-        desired = {"guestUsedMemory": quantity.format_mib(used)}
-        if st.get("guestUsedMemory") == desired["guestUsedMemory"]:
-            self.reported_used[uid] = used
+        wanted = quantity.format_mib(used)
+        if vi.status.guest_used_memory == wanted:
+            self.reported_used[key] = used
             return
-        meta = body.get("metadata") or {}
+        ns, name = vi.metadata.namespace or "", vi.metadata.name or ""
         try:
             result = await k8s.call(
-                self.ctx.kube.patch_vi_status, meta.get("namespace"), meta.get("name"), desired
+                self.ctx.kube.patch_vi_status, ns, name, {"guestUsedMemory": wanted}
             )
         except Exception as exc:
             if not k8s.is_status(exc, 404):
-                log.warning("cannot report guest memory of %s: %s", meta.get("name"), exc)
+                log.warning("cannot report guest memory of %s/%s: %s", ns, name, exc)
             return
-        self.reported_used[uid] = used
-        self.reconciler._remember(result)  # keep its cache fresh
+        self.reported_used[key] = used
+        self.owner.remember_body(result)  # keep the owner's copy fresh

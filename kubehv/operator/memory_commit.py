@@ -7,15 +7,16 @@ guest commits its ``memory.max``. A node takes an instance when the committed me
 its guests, the instance included, stays within the node's guest memory (its
 ``guestMemoryCap``, else its memory minus the host's), and the sum of the maxima within
 ``memoryOvercommitRatio`` times that. The controller's placement and the migration
-scheduler both ask :func:`unfit`, so they agree on what fits. Pure: dicts in, numbers out.
+scheduler both ask :func:`unfit`, so they agree on what fits. Pure: typed models in, numbers
+out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterable
 
+from kubehv import api
 from kubehv.operator import translate
 
 
@@ -27,11 +28,10 @@ class Commit:
     max_mib: int
 
     @classmethod
-    def of(cls, vi: Mapping[str, Any]) -> Commit:
-        spec = vi.get("spec") or {}
-        mem_min, mem_max = translate.memory_mib(spec)
-        auto = (spec.get("autoBalloon") or {}).get("enabled") is True
-        return cls(mem_min if auto else mem_max, mem_max)
+    def of(cls, vi: api.VirtualInstance) -> Commit:
+        mem = vi.spec.memory
+        auto = vi.spec.auto_balloon.enabled
+        return cls(mem.min_mib if auto else mem.max_mib, mem.max_mib)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,14 +43,12 @@ class Capacity:
     capped: bool = False
 
     @classmethod
-    def of(cls, nhv: Mapping[str, Any]) -> Capacity:
-        spec = nhv.get("spec") or {}
-        st = nhv.get("status") or {}
-        ratio = float(spec.get("memoryOvercommitRatio") or 1.0)
-        cap = translate.to_mib(spec.get("guestMemoryCap"))
+    def of(cls, nhv: api.NodeHypervisor) -> Capacity:
+        ratio = nhv.spec.memory_overcommit_ratio
+        cap = translate.to_mib(nhv.spec.guest_memory_cap)
         if cap is not None:
             return cls(cap, ratio, capped=True)
-        total, dom0 = int(st.get("memoryTotal") or 0), int(st.get("memoryDom0") or 0)
+        total, dom0 = nhv.status.memory_total or 0, nhv.status.memory_dom0 or 0
         return cls(max(0, total - dom0), ratio)
 
 
@@ -77,33 +75,29 @@ def unfit(request: Commit, capacity: Capacity, on_node: Iterable[Commit]) -> str
     return ""
 
 
-NodeBody = TypeVar("NodeBody", bound=Mapping[str, Any])
-
-
 def migration_targets(
-    vi: Mapping[str, Any],
-    nhvs: Iterable[NodeBody],
-    instances: Iterable[Mapping[str, Any]],
-) -> tuple[list[NodeBody], dict[str, str]]:
+    vi: api.VirtualInstance,
+    nodes: Iterable[api.NodeHypervisor],
+    instances: Iterable[api.VirtualInstance],
+) -> tuple[list[api.NodeHypervisor], dict[str, str]]:
     """Split candidate target nodes for migrating ``vi`` by committed memory.
 
     Returns the NodeHypervisors it fits on (its source node included: it is already
     counted there) and, for the others, why not. Counted on a target: every instance placed
     there (``status.nodeName``) except ``vi`` itself.
     """
-    uid = (vi.get("metadata") or {}).get("uid")
-    source = (vi.get("status") or {}).get("nodeName")
     request = Commit.of(vi)
     per_node: dict[str, list[Commit]] = {}
     for other in instances:
-        node = (other.get("status") or {}).get("nodeName")
-        if node and (other.get("metadata") or {}).get("uid") != uid:
-            per_node.setdefault(str(node), []).append(Commit.of(other))
-    fits: list[NodeBody] = []
+        node = other.status.node_name
+        if node and other.metadata.uid != vi.metadata.uid:
+            per_node.setdefault(node, []).append(Commit.of(other))
+    fits: list[api.NodeHypervisor] = []
     unfit_nodes: dict[str, str] = {}
-    for nhv in nhvs:
-        name = str((nhv.get("metadata") or {}).get("name", ""))
-        why = "" if name == source else unfit(request, Capacity.of(nhv), per_node.get(name, []))
+    for nhv in nodes:
+        name = nhv.metadata.name or ""
+        source = name == vi.status.node_name
+        why = "" if source else unfit(request, Capacity.of(nhv), per_node.get(name, []))
         if why:
             unfit_nodes[name] = f"target node {name}: {why}"
         else:

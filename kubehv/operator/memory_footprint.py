@@ -1,12 +1,9 @@
-"""What the agent keeps of each object it caches: enough to act, not the whole API object.
+"""The agent's memory footprint: keep its C heap from holding on to a burst's peak.
 
-Why this module exists: the agent holds one VirtualInstance body per instance on its node
-(the reconciler's cache, read by the watcher and the balloon loop). As the API server sends
-them, about 60% of a body's Python size is ``metadata.managedFields`` (server-side apply
-bookkeeping, one entry per writer, nested dicts) and, for kubectl-applied objects, the
-``last-applied-configuration`` annotation (the whole spec again, as a string). Neither is
-read by kubehv. Measured with bench/rss.py: see docs/ballooning.md ("Agent memory"). The
-C heap part is below.
+Why this module exists: agent RSS at 1000 instances is a bench figure (bench/rss.py). Part of
+it is not Python objects at all but freed memory glibc keeps (see below). The other part,
+what the agent caches per instance, is the owner's typed cache (operator/owner.py): the
+models carry no ``managedFields``, which were ~60% of a raw body's Python size.
 """
 
 from __future__ import annotations
@@ -14,29 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-from collections.abc import Mapping
 from typing import Any
-
-DROPPED_METADATA = ("managedFields",)
-DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
-
-
-def slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A shallow copy of ``body`` without the fields kubehv never reads."""
-    out = dict(body)
-    meta = body.get("metadata")
-    if isinstance(meta, Mapping):
-        meta = {k: v for k, v in meta.items() if k not in DROPPED_METADATA}
-        notes = meta.get("annotations")
-        if isinstance(notes, Mapping) and any(k in notes for k in DROPPED_ANNOTATIONS):
-            kept = {k: v for k, v in notes.items() if k not in DROPPED_ANNOTATIONS}
-            if kept:
-                meta["annotations"] = kept
-            else:
-                meta.pop("annotations")
-        out["metadata"] = meta
-    return out
-
 
 # --- the C heap ------------------------------------------------------------------------
 # The agent parses a burst of JSON when many instances arrive at once (a node's first

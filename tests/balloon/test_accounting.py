@@ -12,14 +12,15 @@ from typing import Any
 
 import pytest
 
+from kubehv import api
 from kubehv.drivers import values
 from kubehv.drivers.fake import memstats as fake_memstats
 from kubehv.drivers.fake.driver import FakeHypervisor
 from kubehv.drivers.libvirt import memstats
-from kubehv.operator import memory_commit, memory_footprint, memory_node, placement
+from kubehv.operator import memory_commit, memory_node, placement
 
 
-def vi(name: str, lo: str, hi: str, auto: bool, node: str | None = None) -> dict[str, Any]:
+def vi(name: str, lo: str, hi: str, auto: bool, node: str | None = None) -> api.VirtualInstance:
     body: dict[str, Any] = {
         "metadata": {"name": name, "namespace": "ns", "uid": name},
         "spec": {
@@ -31,25 +32,29 @@ def vi(name: str, lo: str, hi: str, auto: bool, node: str | None = None) -> dict
     }
     if node:
         body["status"] = {"nodeName": node, "phase": "Running", "actualMemory": lo}
-    return body
+    return api.VirtualInstance.model_validate(body)
 
 
-def nhv(name: str, total: int = 4096, cap: str | None = None, ratio: float | None = None) -> Any:
+def nhv(
+    name: str, total: int = 4096, cap: str | None = None, ratio: float | None = None
+) -> api.NodeHypervisor:
     spec: dict[str, Any] = {"nodeName": name, "hypervisor": "fake"}
     if cap:
         spec["guestMemoryCap"] = cap
     if ratio:
         spec["memoryOvercommitRatio"] = ratio
-    return {
-        "metadata": {"name": name},
-        "spec": spec,
-        "status": {
-            "memoryTotal": total,
-            "memoryFree": total,
-            "memoryDom0": 0,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}],
-        },
-    }
+    return api.NodeHypervisor.model_validate(
+        {
+            "metadata": {"name": name},
+            "spec": spec,
+            "status": {
+                "memoryTotal": total,
+                "memoryFree": total,
+                "memoryDom0": 0,
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}],
+            },
+        }
+    )
 
 
 CASES = [
@@ -76,7 +81,7 @@ CASES = [
 def test_placement_by_committed_memory(
     case: str, node: Any, existing: list[Any], new: Any, fits: bool, reason: str
 ) -> None:
-    nodes = [placement.NodeView.of(node)]
+    nodes = [node]
     assigned = [a for a in (placement.assigned_of(v) for v in existing) if a is not None]
     decision = placement.choose(placement.Request.of(new), nodes, assigned)
     assert (decision.node == "a") is fits, decision.message
@@ -147,25 +152,10 @@ def test_fake_guest_stats_follow_its_use_and_fault_when_squeezed(tmp_path: Path)
 
 def test_migration_targets_use_the_same_committed_memory() -> None:
     moving = vi("m", "96Mi", "256Mi", False, "src")
-    moving["metadata"]["uid"] = "m"
     full = nhv("full", cap="512Mi", ratio=2.0)
     roomy = nhv("roomy", cap="1Gi", ratio=2.0)
     source = nhv("src", cap="256Mi")
     placed = [moving] + [vi(f"f{i}", "96Mi", "256Mi", True, "full") for i in range(3)]
     fits, unfit = memory_commit.migration_targets(moving, [full, roomy, source], placed)
-    assert [n["metadata"]["name"] for n in fits] == ["roomy", "src"]
+    assert [n.metadata.name for n in fits] == ["roomy", "src"]
     assert "committed memory would be 544 MiB" in unfit["full"], unfit
-
-
-def test_cached_bodies_drop_what_kubehv_never_reads() -> None:
-    body = vi("x", "96Mi", "256Mi", True, "a")
-    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
-    body["metadata"]["annotations"] = {
-        "kubectl.kubernetes.io/last-applied-configuration": "{...}",
-        "team": "blue",
-    }
-    slim = memory_footprint.slim(body)
-    assert "managedFields" not in slim["metadata"]
-    assert slim["metadata"]["annotations"] == {"team": "blue"}
-    assert slim["spec"] is body["spec"] and slim["status"] is body["status"]
-    assert "managedFields" in body["metadata"]  # the caller's object is untouched
