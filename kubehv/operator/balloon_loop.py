@@ -158,11 +158,11 @@ class BalloonLoop:
         # Shrinks first: growth was granted from the memory they give back.
         order = sorted(guests, key=lambda g: outcome.targets[g.name].move_mib)
         for g in order:
-            uid = by_name[g.name]
+            key = by_name[g.name]
             target = outcome.targets[g.name]
             if target.move_mib:
-                await self._move(uid, target)
-            await self._report_used(uid, g.stats)
+                await self._move(key, target)
+            await self._report_used(key, g.stats)
         return outcome
 
     async def _stats(self, name: str) -> values.MemoryStats | None:
