@@ -15,19 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common, kvm, rss, scale
+from bench import balloon, common, kvm, rss, scale
 from kubehv.devenv import controlplane, guest, libvirtd, netns
 from tests.fixtures import kube as kubefix
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
-SECTIONS = ("start", "migration", "scale", "rss")
+SECTIONS = ("start", "migration", "scale", "rss", "balloon")
 TARGETS: dict[str, tuple[str, float]] = {
     "start_overhead_p50_s": ("<=", 0.5),
     "migration_ratio": ("<=", 1.2),
     "scale_p95_s": ("<=", 3.0),
     "scale_ratio": ("<=", 2.0),
     "api_writes_per_instance": ("<=", 3.0),
-    "agent_rss_mb_1000": ("<=", 150.0),
+    "agent_rss_mb_1000": ("<=", 100.0),
+    "balloon_density_ratio": (">=", 1.5),
 }
 
 
@@ -39,6 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--migration-runs", type=int, default=None)
     p.add_argument("--scale-n", type=int, default=None)
     p.add_argument("--rss-n", type=int, default=None)
+    p.add_argument("--balloon-rounds", type=int, default=None)
     p.add_argument("--output", type=Path, default=RESULTS)
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' log folder")
     args = p.parse_args(argv)
@@ -47,6 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.migration_runs = args.migration_runs or (1 if q else 5)
     args.scale_n = args.scale_n or (30 if q else 300)
     args.rss_n = args.rss_n or (100 if q else 1000)
+    args.balloon_rounds = args.balloon_rounds or (3 if q else 10)
     return args
 
 
@@ -138,18 +141,38 @@ def bench_rss(cp: Any, n: int, res: dict[str, Any]) -> None:
     res["rss"] = {"instances": n, **{k: r(v, 1) for k, v in out.items()}}
 
 
+def bench_balloon(cp: Any, image: guest.GuestImage, rounds: int, res: dict[str, Any]) -> None:
+    out = balloon.run(cp, image, rounds)
+    static, auto = out["static"], out["auto"]
+    ratio = auto["guests_per_gib"] / static["guests_per_gib"] if static["guests_per_gib"] else 0
+    res["balloon_density_ratio"] = r(ratio, 2)
+    res["balloon_reclaim_p50_s"] = r(common.median(auto["reclaim_s"]), 2)
+    res["balloon_reclaim_p95_s"] = r(common.pct(auto["reclaim_s"], 95), 2)
+    res["balloon"] = {
+        "cap_mib": balloon.CAP_MIB,
+        "guest_memory_min_max_mib": [balloon.MIN_MIB, balloon.MAX_MIB],
+        "alloc_mib": balloon.ALLOC_MIB,
+        "guests_per_gib_static": r(static["guests_per_gib"], 2),
+        "guests_per_gib_auto": r(auto["guests_per_gib"], 2),
+        "static": static,
+        "auto": auto,
+        "method": balloon.__doc__,
+    }
+
+
 def table(res: dict[str, Any]) -> str:
     rows = [("figure", "value", "target", "met")]
     for key in (
         "start_overhead_p50_s", "start_overhead_p95_s", "migration_ratio", "scale_p50_s",
         "scale_p95_s", "scale_ratio", "api_writes_per_instance", "agent_rss_mb_1000",
+        "balloon_density_ratio", "balloon_reclaim_p50_s", "balloon_reclaim_p95_s",
     ):  # fmt: skip
         if key not in res:
             continue
         value = res[key]
         if key in TARGETS:
             op, limit = TARGETS[key]
-            met = "yes" if value <= limit else "NO"
+            met = "yes" if (value <= limit if op == "<=" else value >= limit) else "NO"
             rows.append((key, str(value), f"{op} {limit}", met))
         else:
             rows.append((key, str(value), "-", "-"))
@@ -168,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(kubefix.CRD_DIR))
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         kubefix.wait_discoverable(cp)
-        image = guest.ensure_guest() if only & {"start", "migration"} else None
+        image = guest.ensure_guest() if only & {"start", "migration", "balloon"} else None
         for name in SECTIONS:
             if name not in only:
                 continue
@@ -182,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_scale(cp, args.scale_n, res)
             elif name == "rss":
                 bench_rss(cp, args.rss_n, res)
+            elif name == "balloon" and image is not None:
+                bench_balloon(cp, image, args.balloon_rounds, res)
             res.setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
         ok = True
     finally:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pydantic
 from pydantic import Field
 
-from kubehv.api import base, constants
+from kubehv.api import base, constants, quantity
 from kubehv.api import conditions as cond
 from kubehv.api import metadata as meta
 from kubehv.api import virtualinstance as vi
@@ -56,6 +56,20 @@ class NodeHypervisorSpec(base.StrictModel):
     drain: pydantic.StrictBool = Field(
         default=False,
         description="Move every instance away, following each instance's evictionPolicy.",
+    )
+    guest_memory_cap: quantity.Quantity | None = Field(
+        default=None,
+        description="The most memory all guests on this node may hold at once (quantity). "
+        "The agent balloons auto-ballooned guests to stay under it; placement counts against "
+        "it. Unset: the node's memory minus what the host uses.",
+    )
+    memory_overcommit_ratio: float = Field(
+        default=1.0,
+        description="How far the sum of the guests' memory.max may exceed the guest memory "
+        "(the cap, or the node's memory): 2.0 lets maxima add up to twice it. Committed memory "
+        "(memory.min of auto-ballooned guests, memory.max of the others) never exceeds it.",
+        ge=1.0,
+        le=16.0,
     )
 
 

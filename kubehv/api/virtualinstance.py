@@ -102,6 +102,11 @@ class MemorySpec(base.StrictModel):
     max: quantity.Quantity = Field(
         description="Memory the guest boots with and never exceeds (quantity, e.g. 128Mi)."
     )
+    free_page_reporting: pydantic.StrictBool = Field(
+        default=False,
+        description="Let the guest hand pages it frees back to the host at once (virtio "
+        "balloon free page reporting). Off by default.",
+    )
 
     @pydantic.model_validator(mode="after")
     def _bounds(self) -> MemorySpec:
@@ -349,6 +354,11 @@ class VirtualInstanceStatus(base.ApiModel):
     )
     actual_memory: quantity.Quantity | None = Field(
         default=None, description="Memory the guest has now. Written by the node agent."
+    )
+    guest_used_memory: quantity.Quantity | None = Field(
+        default=None,
+        description="Memory the guest uses (actual minus what its balloon driver reports as "
+        "usable), when auto-ballooned. Written by the node agent's balloon loop.",
     )
     vcpus: int | None = Field(
         default=None, description="Virtual CPUs the guest has now. Written by the node agent."

@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--resync-interval", type=float, default=2.0, metavar="SECONDS")
+    parser.add_argument(
+        "--balloon-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the auto-balloon policy runs (0: never)",
+    )
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--kubeconfig", default=None)
     parser.add_argument(
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         migration_address=args.migration_address or args.host_ip,
         heartbeat_interval_s=args.heartbeat_interval,
         resync_interval_s=args.resync_interval,
+        balloon_interval_s=args.balloon_interval,
         metrics_port=args.metrics_port,
         kubeconfig=args.kubeconfig,
         driver_params=dict(args.driver_param),

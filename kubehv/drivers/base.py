@@ -100,6 +100,14 @@ class BaseHypervisor(abc.ABC):
         """Balloon an instance's memory to ``mem_mib`` (Ganeti ``BalloonInstanceMemory``)."""
         raise errors.NotSupported(f"the {self.NAME} hypervisor cannot balloon memory")
 
+    def get_instance_memory_stats(self, instance_name: str) -> values.MemoryStats | None:
+        """The guest's balloon statistics, or ``None`` if it is not running here.
+
+        Drivers without a balloon raise :class:`errors.NotSupported`. Figures the guest has
+        not reported yet are ``None`` in the result (only ``actual_mib`` is always known).
+        """
+        raise errors.NotSupported(f"the {self.NAME} hypervisor reports no guest memory stats")
+
     # --- inventory -----------------------------------------------------------------------
 
     @abc.abstractmethod

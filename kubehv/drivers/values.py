@@ -129,6 +129,7 @@ class InstanceSpec:
     nics: tuple[Nic, ...] = ()
     console: ConsoleSpec = dataclasses.field(default_factory=ConsoleSpec)
     params: Mapping[str, ParamValue] = dataclasses.field(default_factory=dict)
+    free_page_reporting: bool = False  # the guest returns freed pages to the host itself
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", _frozen_mapping(self.params))
@@ -147,6 +148,48 @@ class InstanceInfo:
     state: InstanceState
     cpu_time_s: float
     uid: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemoryStats:
+    """What a guest's virtio balloon reports (libvirt ``memoryStats()``), memory in MiB.
+
+    ``actual_mib`` is the balloon's current size (what the guest has); the others are the
+    guest's own view and are ``None`` until its balloon driver first reports (or when the
+    stats period is 0): ``unused`` is MemFree, ``available`` MemTotal as the guest sees it,
+    ``usable`` MemAvailable (free plus what it can reclaim without swapping). Faults and swap
+    are counters since boot; ``last_update_s`` is the guest's report time (Unix seconds).
+    """
+
+    actual_mib: int
+    unused_mib: int | None = None
+    available_mib: int | None = None
+    usable_mib: int | None = None
+    disk_caches_mib: int | None = None
+    major_faults: int | None = None
+    minor_faults: int | None = None
+    swap_in_mib: int | None = None
+    swap_out_mib: int | None = None
+    rss_mib: int | None = None
+    last_update_s: int | None = None
+
+    @property
+    def reported(self) -> bool:
+        """True once the guest's balloon driver has sent statistics."""
+        return self.usable_mib is not None or self.unused_mib is not None
+
+    @property
+    def used_mib(self) -> int | None:
+        """What the guest holds and cannot give back without swapping: actual - usable.
+
+        Counted from ``actual`` (not the guest's MemTotal), so it includes the memory the
+        guest kernel reserves for itself: a balloon target of ``used_mib`` leaves the guest
+        with no spare memory at all, so a policy adds headroom on top.
+        """
+        spare = self.usable_mib if self.usable_mib is not None else self.unused_mib
+        if spare is None:
+            return None
+        return max(0, self.actual_mib - spare)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import kopf
 from kubehv import api
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
-from kubehv.operator import context, k8s, metrics, node_status
+from kubehv.operator import balloon_loop, context, k8s, memory_footprint, metrics, node_status
 from kubehv.operator import owner as owner_mod
 from kubehv.operator import settings as opsettings
 
@@ -86,6 +86,9 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> owne
     async def start_timers(**_: Any) -> None:
         tasks.append(asyncio.create_task(publisher.run_forever(), name="heartbeat"))
         tasks.append(asyncio.create_task(_watcher(ctx, owner), name="watcher"))
+        balloons = balloon_loop.BalloonLoop(ctx, owner)
+        tasks.append(asyncio.create_task(balloons.run_forever(), name="balloon"))
+        tasks.append(asyncio.create_task(memory_footprint.trim_forever(), name="heap-trim"))
 
     @kopf.on.cleanup(registry=registry, id="agent-timers-stop")
     async def stop_timers(**_: Any) -> None:
@@ -117,6 +120,7 @@ async def _watcher(ctx: context.AgentContext, owner: owner_mod.Owner) -> None:
 
 
 def run(cfg: opsettings.AgentSettings) -> int:
+    memory_footprint.limit_malloc_arenas()  # before any thread: agent RSS at 1000 instances
     ctx = build_context(cfg)
     metrics.serve(cfg.metrics_port)
     registry = kopf.OperatorRegistry()

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import kopf
 
 from kubehv import api
-from kubehv.operator import k8s, metrics
+from kubehv.operator import k8s, memory_commit, metrics
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import migration_scheduling as sched
 
@@ -128,10 +128,21 @@ class MigrationController:
         vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
         nodes = await k8s.call(self.store.list_nodes)
         others = await k8s.call(self.store.list_migrations)
+        instance = api.VirtualInstance.model_validate(vi) if vi is not None else None
+        targets = [api.NodeHypervisor.model_validate(n) for n in nodes]
+        if instance is not None:  # the same committed-memory rule as placement
+            placed = await k8s.call(self.store.list_instances)
+            targets, unfit = memory_commit.migration_targets(
+                instance, targets, [api.VirtualInstance.model_validate(p) for p in placed]
+            )
+            if view.requested_target in unfit:
+                await self._write(view, ml.fail(view, unfit[view.requested_target]))
+                metrics.record_migration("Failed", None)
+                return
         decision = sched.schedule(
             view,
-            api.VirtualInstance.model_validate(vi) if vi is not None else None,
-            [api.NodeHypervisor.model_validate(n) for n in nodes],
+            instance,
+            targets,
             [ml.MigrationView.from_body(o) for o in others],
             self.limits,
         )

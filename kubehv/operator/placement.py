@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from kubehv import api
 from kubehv.api import conditions, constants
-from kubehv.operator import status, translate
+from kubehv.operator import memory_commit, status, translate
 
 # Phases in which an assigned instance holds (or is about to hold) memory on its node.
 HOLDING = frozenset(
@@ -58,6 +58,7 @@ class Assigned:
     phase: str
     memory_mib: int  # actual memory if reported, else min memory
     reported: bool
+    commit: memory_commit.Commit = memory_commit.NOTHING
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ class Request:
     memory_min_mib: int
     pin: str | None
     selector: Mapping[str, str]
+    commit: memory_commit.Commit = memory_commit.NOTHING
 
     @classmethod
     def of(cls, vi: api.VirtualInstance) -> Request:
@@ -77,6 +79,7 @@ class Request:
             memory_min_mib=spec.memory.min_mib,
             pin=spec.node_name or None,
             selector=dict(spec.node_selector),
+            commit=memory_commit.Commit.of(vi),
         )
 
 
@@ -102,7 +105,7 @@ def assigned_of(vi: api.VirtualInstance) -> Assigned | None:
     actual = translate.to_mib(st.actual_memory)
     reported = phase not in UNREPORTED and actual is not None
     memory = actual if actual is not None else vi.spec.memory.min_mib
-    return Assigned(st.node_name, phase, memory, reported)
+    return Assigned(st.node_name, phase, memory, reported, memory_commit.Commit.of(vi))
 
 
 def free_memory(node: api.NodeHypervisor, assigned: Iterable[Assigned]) -> int:
@@ -164,4 +167,5 @@ def _unfit(
     free = free_memory(node, assigned)
     if request.memory_min_mib > free:
         return f"needs {request.memory_min_mib} MiB, {free} MiB free"
-    return ""
+    mine = (a.commit for a in assigned if a.node == node.metadata.name)
+    return memory_commit.unfit(request.commit, memory_commit.Capacity.of(node), mine)

@@ -30,6 +30,7 @@ class AgentSettings:
     migration_address: str | None = None
     heartbeat_interval_s: float = 10.0
     resync_interval_s: float = 2.0
+    balloon_interval_s: float = 5.0  # the auto-balloon loop (balloon_loop); 0 turns it off
     metrics_port: int = 0
     kubeconfig: str | None = None
     driver_params: dict[str, Any] = dataclasses.field(default_factory=dict)

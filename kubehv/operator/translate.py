@@ -140,4 +140,5 @@ def instance_spec(
         nics=_nics(spec),
         console=_console(spec, vnc_password_file),
         params=merged_params(spec, node_defaults),
+        free_page_reporting=spec.memory.free_page_reporting,
     )

@@ -118,6 +118,18 @@ GOLDEN_CASES: dict[str, tuple[values.InstanceSpec, str, str | None]] = {
         "kvm",
         None,
     ),
+    "free-page-reporting": (
+        values.InstanceSpec(
+            name="free-page-reporting",
+            uid=UID,
+            memory_min_mib=96,
+            memory_max_mib=256,
+            free_page_reporting=True,
+            params={"balloon_stats_period_s": 1},
+        ),
+        "qemu",
+        None,
+    ),
     "tcg-cpu-model": (
         values.InstanceSpec(
             name="tcg-cpu-model",

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from kubehv.drivers import base, errors, parameters, values
-from kubehv.drivers.fake import migration, migration_target, store
+from kubehv.drivers.fake import memstats, migration, migration_target, store
 from kubehv.drivers.fake import params as fparams
 
 _STATES = {
@@ -232,6 +232,9 @@ class FakeHypervisor(
                 instance.memory_max_mib,
             )
             self.store.save(rec)
+
+    def get_instance_memory_stats(self, instance_name: str) -> values.MemoryStats | None:
+        return memstats.read(self.store, instance_name, self.clock())
 
     def crash_instance(self, instance_name: str, reason: str = "crashed on request") -> None:
         """Make a live instance crash now (tests, chaos). Same as :func:`crash_instance`."""

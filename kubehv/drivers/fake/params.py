@@ -51,6 +51,14 @@ PARAMETERS: Mapping[str, parameters.Parameter] = {
             syntax_message="must be a non-negative number of seconds",
         ),
         P(
+            "guest_used_mib",
+            int,
+            "memory the guest holds at boot, as its balloon statistics report it "
+            "(default: a quarter of its minimum memory)",
+            syntax_check=parameters.is_non_negative,
+            syntax_message="must be a non-negative number of MiB",
+        ),
+        P(
             "ignore_shutdown",
             bool,
             "the guest ignores graceful stop requests (only a forced stop ends it)",

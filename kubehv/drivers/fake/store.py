@@ -80,6 +80,8 @@ class Record:
     crash_at: float | None = None
     crash_reason: str = ""
     migration: MigrationRecord | None = None
+    guest_used_mib: int | None = None  # what the "guest" holds (fake.memstats)
+    major_faults: int = 0
 
     @property
     def alive(self) -> bool:

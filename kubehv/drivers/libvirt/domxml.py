@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
 from kubehv.drivers import values
+from kubehv.drivers.libvirt import memstats
 
 NAMESPACE = "https://kubehv.io/xmlns/libvirt/instance/v1"
 PREFIX = "kubehv"
@@ -198,10 +199,8 @@ def build(
     _disks(devices, spec, params)
     _nics(devices, spec)
     _consoles(devices, spec, settings)
-    balloon = _sub(devices, "memballoon", model="virtio")
     period = int(params.get("balloon_stats_period_s") or 0)
-    if period:
-        _sub(balloon, "stats", period=str(period))
+    memstats.memballoon(devices, period, spec.free_page_reporting)
     return to_text(root)
 
 

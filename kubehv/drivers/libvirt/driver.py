@@ -28,7 +28,7 @@ from typing import ClassVar
 import libvirt
 
 from kubehv.drivers import base, errors, values
-from kubehv.drivers.libvirt import connection, domxml, migration_steps, outcome
+from kubehv.drivers.libvirt import connection, domxml, memstats, migration_steps, outcome
 from kubehv.drivers.libvirt import params as hvparams
 
 _STATES = {
@@ -195,6 +195,8 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
                     f"libvirt could not start {instance.name!r}: "
                     f"{_scrub(connection.error_text(exc), xml)}"
                 ) from None
+            period = hvparams.instance_params(instance)["balloon_stats_period_s"]
+            memstats.start_period(dom, int(period))
             tag = self._tag(dom)
             assert tag is not None
             return self._info(dom, tag)
@@ -278,6 +280,13 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
         with self.conn.translated(f"balloon {instance.name}"):
             dom = self._own(instance.name)
             dom.setMemoryFlags(mem_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def get_instance_memory_stats(self, instance_name: str) -> values.MemoryStats | None:
+        with self.conn.translated(f"read the memory statistics of {instance_name}"):
+            dom = self._lookup(instance_name)
+            if dom is None or not _active(dom) or self._tag(dom) is None:
+                return None
+            return memstats.read(dom)
 
     # --- inventory -----------------------------------------------------------------------
 
