@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kubernetes
-from kvm_lanes import FREEZE_S, GRACE_S, FaultKvmCluster, FaultProc, Lane
+from kvm_lanes import FREEZE_S, GRACE_S, LAUNCHER, FaultKvmCluster, FaultProc, Lane
 from kvm_scenario import TERMINAL, Outcome, PhaseWatch, Run, Sampler, ScenarioFailed, phase_is
 
 from kubehv.devenv.controlplane import free_port
@@ -332,8 +332,11 @@ def drain(run: Run, sc: Scenario) -> None:
         if kind in ("Running", "StopPolicy", "Paused"):
             expect = "paused" if kind == "Paused" else "running"
             run.settle(expect_state=expect, need_migration=False)
-        elif kind == "Pinned":
+        elif kind == "Pinned":  # spec.nodeName pins it: a drain may not move it away
             run.settle(need_migration=False)
+            where = run.vi_status().get("nodeName")
+            if where != node:
+                raise ScenarioFailed(f"the drain moved an instance pinned to {node} to {where}")
         elif kind in ("Stopped", "Failed"):
             running = [n for n, s in states.items() if s == "running"]
             if running:
@@ -429,7 +432,9 @@ def apiserver_restart(run: Run, sc: Scenario) -> None:
     source = _boot(run)
     cp = run.cluster.control_plane
 
-    watch = PhaseWatch(run, phase_is("Running"), cp.restart_apiserver).start()
+    # From the launcher thread: the new kube-apiserver is bound to the thread starting it.
+    watch = PhaseWatch(run, phase_is("Running"), lambda: LAUNCHER.call(cp.restart_apiserver))
+    watch.start()
     run.migrate(targetNode=run.lane.other(source), bandwidth=12)
     _await(run, watch, "phase Running", 240)
     _supervise_controller(run)
