@@ -74,6 +74,7 @@ def plan(
     to_migrate: list[sched.InstanceFacts] = []
     to_replace: list[sched.InstanceFacts] = []
     waiting_stop: list[str] = []
+    pinned: list[str] = []
     failed: list[str] = []
     by_name = {(m.namespace, m.name): m for m in migrations}
     for inst in on_node:
@@ -85,6 +86,9 @@ def plan(
         if inst.eviction_policy == "Stop":
             waiting_stop.append(inst.name)
             continue
+        if inst.pin == node:
+            pinned.append(inst.name)  # a Migration could only fail: say what it waits for
+            continue
         existing = by_name.get((inst.namespace, drain_migration_name(inst.name, node)))
         if existing is not None and existing.phase in ml.UNSUCCESSFUL:
             failed.append(f"{inst.name} ({existing.failure_reason})")
@@ -95,6 +99,10 @@ def plan(
     parts = [f"{len(on_node)} instance(s) left on {node}"]
     if waiting_stop:
         parts.append("stopping: " + ", ".join(sorted(waiting_stop)))
+    if pinned:
+        parts.append(
+            f"pinned to {node} by spec.nodeName (unpin or stop them): " + ", ".join(sorted(pinned))
+        )
     if failed:
         parts.append("migration failed: " + "; ".join(sorted(failed)))
     return to_migrate, to_replace, "; ".join(parts)

@@ -49,9 +49,20 @@ def node_status_patch(
     return {"conditions": status.merge_model_conditions(st.conditions, [cond])}
 
 
-# Phases left alone: already said, nothing runs, or the Migration owns the instance and says
-# where it is (the source's silence is handled by the migration's own deadline).
-_KEEP = frozenset({vim.Phase.UNKNOWN, vim.Phase.STOPPED, vim.Phase.FAILED, vim.Phase.MIGRATING})
+# Phases left alone: nothing was started yet (Pending, Scheduled), already said, nothing runs,
+# or the Migration owns the instance and says where it is (the source's silence is handled by
+# the migration's own deadline).
+_KEEP = frozenset(
+    {
+        None,
+        vim.Phase.PENDING,
+        vim.Phase.SCHEDULED,
+        vim.Phase.UNKNOWN,
+        vim.Phase.STOPPED,
+        vim.Phase.FAILED,
+        vim.Phase.MIGRATING,
+    }
+)
 
 
 def instance_status_patch(vi: api.VirtualInstance, node: str) -> dict[str, Any]:

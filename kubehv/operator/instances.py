@@ -245,7 +245,8 @@ class InstanceActs:
             reboot_generation=vi.spec.reboot_generation,
             console=console,
         )
-        await self.write(subject, new)
+        # The Event first, then the status that shows the result: whoever sees Running can
+        # already read why.
         mem = observed.info.memory_mib if observed.info else 0
         node = self.ctx.node_name
         if restart:
@@ -260,6 +261,7 @@ class InstanceActs:
             await self._event(
                 subject, "Started", f"instance {name} started on {node} with {mem} MiB"
             )
+        await self.write(subject, new)
         return True
 
     def _console(self, spec: values.InstanceSpec) -> str:

@@ -30,16 +30,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.api import migration as migration_api
 from kubehv.drivers import values
 from kubehv.operator import status as status_mod
 
-GROUP = "kubehv.io"
-VERSION = "v1alpha1"
-PLURAL = "migrations"
-ABORT_ANNOTATION = "kubehv.io/abort"
-FINALIZER = "kubehv.io/migration"
-DRAIN_LABEL = "kubehv.io/drain"
+GROUP = constants.GROUP
+VERSION = constants.VERSION
+PLURAL = constants.PLURAL_MIG
+ABORT_ANNOTATION = constants.ABORT_ANNOTATION
+FINALIZER = constants.MIGRATION_FINALIZER
+DRAIN_LABEL = constants.DRAIN_LABEL
 
 # Condition types on a Migration.
 COND_TARGET_FINALIZED = "TargetFinalized"

@@ -36,6 +36,7 @@ class NodeFacts:
     hypervisor_version: str
     can_migrate: bool
     migration_address: str | None
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, node: api.NodeHypervisor) -> NodeFacts:
@@ -50,6 +51,7 @@ class NodeFacts:
             hypervisor_version=st.hypervisor_version or "",
             can_migrate=st.can_migrate is not False,
             migration_address=node.spec.migration_address or None,
+            labels=dict(node.metadata.labels),
         )
 
 
@@ -67,6 +69,8 @@ class InstanceFacts:
     actual_memory_mib: int | None
     eviction_policy: str
     deleting: bool = False
+    pin: str | None = None
+    selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, vi: api.VirtualInstance) -> InstanceFacts:
@@ -83,6 +87,8 @@ class InstanceFacts:
             actual_memory_mib=actual,
             eviction_policy=vi.spec.eviction_policy.value,
             deleting=bool(vi.metadata.deletion_timestamp),
+            pin=vi.spec.node_name or None,
+            selector=dict(vi.spec.node_selector),
         )
 
     @property
@@ -280,6 +286,11 @@ def _target_problem(
         return f"the hypervisor on {source.name} or {name} cannot migrate"
     if not target.migration_address:
         return f"target node {name} has no migrationAddress"
+    if instance.pin is not None and instance.pin != name:
+        return f"the instance is pinned to node {instance.pin} (spec.nodeName)"
+    for key, value in instance.selector.items():
+        if target.labels.get(key) != value:
+            return f"target node {name} does not match the instance's nodeSelector {key}={value}"
     if not migration.allow_unsafe_version_pair:
         problem = version_pair_problem(source.hypervisor_version, target.hypervisor_version)
         if problem is not None:

@@ -54,6 +54,18 @@ class SourceRole(roles.Role):
             uri=node.spec.connection_uri or None,
         )
 
+    async def _status(
+        self, spec: values.InstanceSpec, target: values.MigrationTarget
+    ) -> values.MigrationStatus:
+        """Where the copy stands, from the hypervisor: confirmed on the target when this
+        agent can reach the target's hypervisor, else from the source alone (the target
+        agent confirms arrival itself before it keeps the copy)."""
+        try:
+            return await k8s.call(self.driver.get_migration_status, spec, target)
+        except errors.HypervisorUnavailable as exc:
+            log.info("cannot ask %s's hypervisor (%s); asking the source only", target.node, exc)
+            return await k8s.call(self.driver.get_migration_status, spec)
+
     # --- Scheduled -> Preparing ----------------------------------------------------------
 
     async def prepare(self, view: ml.MigrationView) -> None:
@@ -124,7 +136,7 @@ class SourceRole(roles.Role):
         info = await k8s.call(self.driver.get_instance_info, spec.name)
         target = await self._target(view)
         try:
-            status = await k8s.call(self.driver.get_migration_status, spec, target)
+            status = await self._status(spec, target)
         except errors.HypervisorError as exc:
             log.warning("migration %s: cannot read the copy's state yet: %s", view.key, exc)
             return  # asked again on the next look; never guessed
@@ -167,7 +179,7 @@ class SourceRole(roles.Role):
             if copy is not None and copy.done() and copy.exception() is not None:
                 seen.error = roles.error_message(copy.exception())  # type: ignore[arg-type]
             try:
-                status = await k8s.call(self.driver.get_migration_status, spec, target)
+                status = await self._status(spec, target)
             except errors.HypervisorError as exc:
                 log.warning("migration %s: cannot read progress: %s", view.key, exc)
                 continue

@@ -347,7 +347,9 @@ def _lifecycle(inputs: Inputs) -> Action:
     if not alive(domain):
         if state is State.SHUTTING_DOWN:
             return Action(Act.NOTHING)
-        if phase is VIPhase.UNKNOWN:
+        if phase is VIPhase.UNKNOWN and st.hypervisor_id is not None:
+            # It ran here when its node went silent and is gone now: it may run elsewhere.
+            # (One that never ran — no hypervisor id reported — is started below, fenced.)
             return Action(
                 Act.MARK_LOST,
                 message=(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from typing import Any
@@ -56,6 +57,25 @@ def test_plan_replaces_what_runs_nowhere_whatever_its_policy() -> None:
     to_migrate, to_replace, _ = drain.plan("a", instances, [])
     assert [i.name for i in to_replace] == ["stopped-live", "failed-cold"]
     assert [i.name for i in to_migrate] == ["paused"]
+
+
+def test_plan_names_pinned_instances_instead_of_migrating_them() -> None:
+    pinned = dataclasses.replace(inst("pinned"), pin="a")
+    to_migrate, _, message = drain.plan("a", [pinned, inst("free")], [])
+    assert [i.name for i in to_migrate] == ["free"]
+    assert "pinned to a by spec.nodeName" in message and "pinned" in message
+
+
+def test_migration_target_respects_pin_and_selector() -> None:
+    facts = dataclasses.replace(inst("vm"), selector={"zone": "z1"})
+    source = sched.NodeFacts("a", True, True, True, "fake", 4096, "1.0", True, "a")
+    wrong = sched.NodeFacts("b", True, True, False, "fake", 4096, "1.0", True, "b")
+    right = dataclasses.replace(wrong, name="c", labels={"zone": "z1"})
+    view = ml.MigrationView.from_body({"metadata": {"name": "m"}, "spec": {"instance": "vm"}})
+    assert "nodeSelector zone=z1" in (sched._target_problem(view, facts, source, wrong, "b") or "")
+    assert sched._target_problem(view, facts, source, right, "c") is None
+    pinned = dataclasses.replace(facts, pin="a")
+    assert "pinned to node a" in (sched._target_problem(view, pinned, source, right, "c") or "")
 
 
 def test_plan_skips_busy_and_reports_failed() -> None:

@@ -95,10 +95,17 @@ def test_never_starts_an_instance_assigned_elsewhere() -> None:
 
 
 def test_unknown_and_gone_is_marked_lost_not_started() -> None:
-    action = decide(vi(phase="Unknown"))
+    action = decide(vi(phase="Unknown", hypervisorId="7"))
     assert action.act is ol.Act.MARK_LOST
     assert "may run elsewhere" in action.message
-    assert decide(vi(phase="Unknown"), domain=dom()).act is ol.Act.NOTHING
+    assert decide(vi(phase="Unknown", hypervisorId="7"), domain=dom()).act is ol.Act.NOTHING
+
+
+def test_unknown_that_never_ran_is_started_fenced() -> None:
+    """Found by the model checker: placed, node silent before the first start, back again.
+    Nothing ever ran, so nothing can run elsewhere: start it (on a fresh read)."""
+    assert decide(vi(phase="Unknown"), fresh=False).act is ol.Act.REREAD
+    assert decide(vi(phase="Unknown")).act is ol.Act.START
 
 
 def test_migrating_instance_is_the_migrations() -> None:
