@@ -43,7 +43,7 @@ from tests.fixtures.operator import (
     VERSION,
     Proc,
     get_object,
-    remove_unless_failed,
+    started,
     wait_for,
 )
 
@@ -93,27 +93,9 @@ class KvmCluster:
 
     def guest_manifest(self, namespace: str, name: str) -> str:
         """A kvm VirtualInstance booting the test guest (JSON for ``kubectl apply -f -``)."""
-        image = self.image
-        return json.dumps(
-            {
-                "apiVersion": "kubehv.io/v1alpha1",
-                "kind": "VirtualInstance",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {
-                    "hypervisor": "kvm",
-                    "runState": "Running",
-                    "memory": {"min": "64Mi", "max": "128Mi"},
-                    "vcpus": 1,
-                    "boot": {
-                        "kernel": str(image.kernel),
-                        "initrd": str(image.initrd),
-                        "cmdline": image.cmdline,
-                    },
-                    # Nested KVM hangs on these machines (runtime-facts.md): emulate.
-                    "hypervisorParameters": {"accelerator": "tcg"},
-                },
-            }
-        )
+        body = guest_body(self.image, name)
+        body["metadata"]["namespace"] = namespace
+        return json.dumps(body)
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> KvmCluster:
@@ -178,26 +160,45 @@ class KvmCluster:
         return None
 
 
+def guest_body(image: GuestImage, name: str, **spec: Any) -> dict[str, Any]:
+    """A kvm VirtualInstance booting the test guest (128 MiB, 1 vCPU), ``spec`` on top."""
+    return {
+        "apiVersion": "kubehv.io/v1alpha1",
+        "kind": "VirtualInstance",
+        "metadata": {"name": name},
+        "spec": {
+            "hypervisor": "kvm",
+            "runState": "Running",
+            "memory": {"min": "64Mi", "max": "128Mi"},
+            "vcpus": 1,
+            "boot": {
+                "kernel": str(image.kernel),
+                "initrd": str(image.initrd),
+                "cmdline": image.cmdline,
+            },
+            # Nested KVM hangs on these machines (runtime-facts.md): emulate.
+            "hypervisorParameters": {"accelerator": "tcg"},
+            **spec,
+        },
+    }
+
+
 @pytest.fixture(scope="module")
 def kvm_cluster(request: pytest.FixtureRequest) -> Iterator[KvmCluster]:
     """Real apiserver + CRDs, two libvirt nodes, the guest, the controller and two kvm agents."""
+    control_plane, nodes, image = kvm_parts(request)
+    workdir = Path(tempfile.mkdtemp(prefix="kubehv-e2e-"))
+    with started(KvmCluster(control_plane, nodes, image, workdir), workdir) as cluster:
+        yield cluster
+
+
+def kvm_parts(request: pytest.FixtureRequest) -> tuple[Any, NodeSet, GuestImage]:
+    """The real parts a kvm cluster runs on: control plane (CRDs installed), nodes, guest."""
     control_plane = request.getfixturevalue("control_plane")
     request.getfixturevalue("crds_installed")
-    image = request.getfixturevalue("guest_image")
-    nodes = request.getfixturevalue("libvirt_nodes")
-    workdir = Path(tempfile.mkdtemp(prefix="kubehv-e2e-"))
-    cluster = KvmCluster(control_plane, nodes, image, workdir)
-    failed = True
-    try:
-        cluster.start()
-        yield cluster
-        failed = False
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
-        remove_unless_failed(workdir, failed)
+    image: GuestImage = request.getfixturevalue("guest_image")
+    nodes: NodeSet = request.getfixturevalue("libvirt_nodes")
+    return control_plane, nodes, image
 
 
 @pytest.fixture(scope="module")

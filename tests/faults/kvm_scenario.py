@@ -22,7 +22,8 @@ from typing import Any
 import kubernetes
 from kvm_lanes import FaultKvmCluster, Lane
 
-from tests.fixtures.operator import GROUP, VERSION, get_object
+from tests.e2e.conftest import guest_body
+from tests.fixtures.operator import GROUP, VERSION, get_object, wait_for
 
 TERMINAL = ("Succeeded", "Failed", "Aborted")
 SETTLE_S = 180.0
@@ -165,27 +166,8 @@ class Run:
 
     def guest(self, **spec: Any) -> None:
         """Create the scenario's kvm guest on its lane (``spec`` on top of the test guest)."""
-        image = self.cluster.image
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "VirtualInstance",
-            "metadata": {"name": self.vm},
-            "spec": {
-                "hypervisor": "kvm",
-                "runState": "Running",
-                "memory": {"min": "64Mi", "max": "128Mi"},
-                "vcpus": 1,
-                "boot": {
-                    "kernel": str(image.kernel),
-                    "initrd": str(image.initrd),
-                    "cmdline": image.cmdline,
-                },
-                # Nested KVM hangs on these machines (runtime-facts.md): emulate.
-                "hypervisorParameters": {"accelerator": "tcg"},
-                "nodeSelector": {"faults.kubehv.io/lane": str(self.lane.index)},
-                **spec,
-            },
-        }
+        lane = {"faults.kubehv.io/lane": str(self.lane.index)}
+        body = guest_body(self.cluster.image, self.vm, nodeSelector=lane, **spec)
         self.sampler.watch(self.domain)
         self.create("virtualinstances", body)
 
@@ -207,14 +189,12 @@ class Run:
         self.create("migrations", body)
 
     def wait(self, probe: Callable[[], Any], what: str, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = probe()
-            if got:
-                return got
-            if time.monotonic() > deadline:
-                raise ScenarioFailed(f"timed out ({int(timeout)} s) waiting for {what}")
-            time.sleep(0.3)
+        try:
+            return wait_for(probe, timeout, f"{what} ({int(timeout)} s)", 0.3)
+        except ScenarioFailed:
+            raise
+        except AssertionError as exc:
+            raise ScenarioFailed(str(exc)) from None
 
     # --- the truth from the hypervisors ------------------------------------------------------
     def copies(self) -> dict[str, str]:

@@ -24,7 +24,8 @@ from kvm_matrix import SCENARIOS, run_all
 from kvm_report import SummaryPlugin
 from kvm_scenario import Outcome
 
-from tests.fixtures.operator import remove_unless_failed
+from tests.e2e.conftest import kvm_parts
+from tests.fixtures.operator import started
 
 pytestmark = [pytest.mark.faults, pytest.mark.real_libvirt, pytest.mark.apiserver]
 
@@ -33,23 +34,10 @@ LANES = int(os.environ.get("KUBEHV_FAULT_LANES", "4"))
 
 @pytest.fixture(scope="module")
 def fault_kvm(request: pytest.FixtureRequest) -> Iterator[FaultKvmCluster]:
-    control_plane = request.getfixturevalue("control_plane")
-    request.getfixturevalue("crds_installed")
-    image = request.getfixturevalue("guest_image")
-    nodes = request.getfixturevalue("libvirt_nodes")
+    control_plane, nodes, image = kvm_parts(request)
     workdir = Path(tempfile.mkdtemp(prefix="kubehv-faults-kvm-"))
-    cluster = FaultKvmCluster(control_plane, nodes, image, workdir, LANES)
-    failed = True
-    try:
-        cluster.start()
+    with started(FaultKvmCluster(control_plane, nodes, image, workdir, LANES), workdir) as cluster:
         yield cluster
-        failed = False
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
-        remove_unless_failed(workdir, failed)
 
 
 @pytest.fixture(scope="module")
