@@ -128,6 +128,10 @@ class ManagedProcess:
         self.popen = None
 
 
+def _enables_sa(args: list[str]) -> bool:
+    return any(a.startswith("--enable-admission-plugins=") and "ServiceAccount" in a for a in args)
+
+
 class ControlPlane(kubeaccess.KubeAccess):
     """etcd + kube-apiserver on loopback. Use as a context manager or call start()/stop().
 
@@ -348,8 +352,13 @@ class ControlPlane(kubeaccess.KubeAccess):
             f"--service-account-key-file={c.sa_pub}",
             f"--service-account-signing-key-file={c.sa_key}",
             "--authorization-mode=RBAC",
-            # No controller-manager creates ServiceAccounts or their tokens here.
-            "--disable-admission-plugins=ServiceAccount",
+            # No controller-manager creates ServiceAccounts or their tokens here (the real
+            # node runs one, and passes --enable-admission-plugins=ServiceAccount instead).
+            *(
+                []
+                if _enables_sa(self._extra_args)
+                else ["--disable-admission-plugins=ServiceAccount"]
+            ),
             "--enable-priority-and-fairness=false",
             "--allow-privileged=true",
             f"--cert-dir={self.dir / 'pki'}",

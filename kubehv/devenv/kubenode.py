@@ -84,7 +84,7 @@ class KubeNode:
     def start(self) -> KubeNode:
         began = time.monotonic()
         self.dir = self._given_dir or Path(tempfile.mkdtemp(prefix="kubehv-node-"))
-        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self._take_lock()
         atexit.register(self.stop)
         try:
@@ -166,7 +166,6 @@ class KubeNode:
             extra_args=[
                 "--bind-address=0.0.0.0",
                 f"--advertise-address={NODE_IP}",
-                "--disable-admission-plugins=",
                 "--enable-admission-plugins=ServiceAccount",
                 "--kubelet-preferred-address-types=InternalIP,Hostname",
                 # The admin pair is in system:masters; the kubelet trusts the same CA.
