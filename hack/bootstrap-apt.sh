@@ -3,9 +3,11 @@
 set -euo pipefail
 # python3-venv: Debian's python3 has no ensurepip without it (`python3 -m venv` fails);
 # gcc + python3-dev: libvirt-python ships only an sdist, built against libvirt-dev here.
+# prometheus: its promtool tests manifests/monitoring's alert rules (`promtool test rules`).
 PKGS=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       libvirt-dev pkg-config gcc python3-dev python3-venv
-      iproute2 busybox-static cpio gzip psmisc procps kmod)
+      iproute2 busybox-static cpio gzip psmisc procps kmod
+      prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,8 +1,9 @@
 """The ``kubehv`` command (also ``kubectl kubehv``): one subcommand per module, loaded lazily.
 
-Why this module exists: a single entry point for people (console, migrate, drain, status),
-for the processes kubehv runs (agent, controller) and for generated artefacts (crds), without
-importing kopf or libvirt for commands that do not need them. Each subcommand module exposes
+Why this module exists: a single entry point for people (console, vnc, migrate, drain, status,
+start/stop/restart/pause/unpause), for the processes kubehv runs (agent, controller) and for
+generated artefacts (crds), without importing kopf or libvirt for commands that do not need
+them. Each subcommand module exposes
 ``add_arguments(parser)`` and ``run(args) -> int``.
 """
 
@@ -22,6 +23,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("kubehv.cli.migrate", "migrate an instance to another node"),
     "drain": ("kubehv.cli.drain", "drain a node: move its instances away"),
     "status": ("kubehv.cli.status", "show nodes and instances"),
+    "vnc": ("kubehv.cli.vnc", "show where an instance's VNC console listens"),
+    "start": ("kubehv.cli.power", "start an instance (spec.runState=Running)"),
+    "stop": ("kubehv.cli.power", "stop an instance (spec.runState=Stopped)"),
+    "restart": ("kubehv.cli.power", "reboot an instance (bump spec.rebootGeneration)"),
+    "pause": ("kubehv.cli.power", "pause an instance (spec.runState=Paused)"),
+    "unpause": ("kubehv.cli.power", "resume a paused instance (spec.runState=Running)"),
 }
 
 

@@ -1,13 +1,24 @@
 """``kubehv agent``: run the node agent for one node (a DaemonSet pod, or a test process).
 
-Why this module exists: it turns flags and environment (``NODE_NAME`` from the downward API)
-into :class:`kubehv.operator.settings.AgentSettings` and hands over to the operator.
+Why this module exists: it turns flags and environment (``NODE_NAME`` and ``HOST_IP`` from the
+downward API) into :class:`kubehv.operator.settings.AgentSettings` and hands over to the
+operator.
+
+Two libvirt URIs, not one: the agent drives its own node's libvirtd through the local socket
+(``--connection-uri``, e.g. ``qemu:///system``), but other nodes' libvirtd must reach this one
+over the network for a peer-to-peer migration — so the agent *advertises* a different URI in
+its NodeHypervisor's ``spec.connectionURI``: ``--advertise-uri``, by default the local URI
+with the node's address (``status.hostIP``) and the ``--peer-transport`` (``tls``:
+``qemu+tls://<hostIP>/system``). The migration data stream goes to ``--migration-address``,
+by default the node's address too. A local URI advertised as-is would make every source
+"migrate to itself".
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 
 from kubehv.cli import logsetup
 from kubehv.operator import agent, instance_logic, settings
@@ -30,13 +41,50 @@ def _param(text: str) -> tuple[str, str | int | float | bool]:
     return key, value
 
 
+def advertised_uri(local: str | None, host: str | None, transport: str) -> str | None:
+    """The URI other nodes use: ``local`` if it already names a host, else ``local`` with
+    ``host`` and ``transport`` (``qemu:///system`` -> ``qemu+tls://10.0.0.5/system``);
+    ``None`` when there is nothing to derive from (the driver needs no peer URI then)."""
+    if not local:
+        return None
+    parts = urllib.parse.urlsplit(local)
+    if parts.hostname or not host or parts.scheme in ("", "fake", "test"):
+        return local
+    driver = parts.scheme.split("+", 1)[0]
+    netloc = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit(
+        (f"{driver}+{transport}", netloc, parts.path or "/system", parts.query, "")
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--node-name", default=env("NODE_NAME"), help="this node (or NODE_NAME)")
     parser.add_argument("--hypervisor", default=env("KUBEHV_HYPERVISOR", "kvm"))
     parser.add_argument("--connection-uri", default=env("KUBEHV_CONNECTION_URI"))
     parser.add_argument("--state-dir", default=env("KUBEHV_STATE_DIR", "/var/lib/kubehv"))
-    parser.add_argument("--migration-address", default=env("KUBEHV_MIGRATION_ADDRESS"))
+    parser.add_argument(
+        "--host-ip",
+        default=env("HOST_IP"),
+        help="this node's address (or HOST_IP, from the downward API's status.hostIP)",
+    )
+    parser.add_argument(
+        "--advertise-uri",
+        default=env("KUBEHV_ADVERTISE_URI"),
+        help="libvirt URI other nodes use to reach this node's hypervisor (default: the "
+        "connection URI with --host-ip and --peer-transport)",
+    )
+    parser.add_argument(
+        "--peer-transport",
+        choices=["tls", "tcp", "ssh"],
+        default=env("KUBEHV_PEER_TRANSPORT", "tls"),
+        help="libvirt transport of the advertised URI (tls: docs/operations.md)",
+    )
+    parser.add_argument(
+        "--migration-address",
+        default=env("KUBEHV_MIGRATION_ADDRESS"),
+        help="address migrations are sent to (default: --host-ip)",
+    )
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--resync-interval", type=float, default=2.0, metavar="SECONDS")
     parser.add_argument("--metrics-port", type=int, default=0)
@@ -67,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         hypervisor=args.hypervisor,
         connection_uri=args.connection_uri,
         state_dir=args.state_dir,
-        migration_address=args.migration_address,
+        advertise_uri=args.advertise_uri
+        or advertised_uri(args.connection_uri, args.host_ip, args.peer_transport),
+        migration_address=args.migration_address or args.host_ip,
         heartbeat_interval_s=args.heartbeat_interval,
         resync_interval_s=args.resync_interval,
         metrics_port=args.metrics_port,

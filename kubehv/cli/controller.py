@@ -1,7 +1,8 @@
 """``kubehv controller``: run the cluster controller (a Deployment, or a test process).
 
 Why this module exists: flags -> :class:`kubehv.operator.settings.ControllerSettings`, then
-the operator. With leader election on (the default), a second replica waits as a standby.
+the operator. With leader election on (the default), a second replica waits as a standby
+that serves its health endpoint (and, in a cluster, the webhook) while it waits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-name", default="kubehv-controller")
     parser.add_argument("--lease-namespace", default=env("POD_NAMESPACE", "default"))
     parser.add_argument("--identity", default=env("POD_NAME", ""))
+    parser.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="leader Lease duration; renew deadline and retry period follow client-go's "
+        "proportions (15:10:2)",
+    )
     parser.add_argument("--max-migrations-per-node", type=int, default=None)
     parser.add_argument("--max-migrations-per-cluster", type=int, default=None)
     logsetup.add_arguments(parser)
@@ -49,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         lease_name=args.lease_name,
         lease_namespace=args.lease_namespace,
         identity=args.identity,
+        lease_duration_s=args.lease_duration,
         max_migrations_per_node=args.max_migrations_per_node,
         max_migrations_per_cluster=args.max_migrations_per_cluster,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from kubehv import api
 from kubehv.cli import kube
 
 
@@ -28,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
     drain = not args.undo
     try:
         with kube.Kube(args) as k:
-            k.custom.patch_cluster_custom_object(
-                kube.GROUP, kube.VERSION, kube.NHV, args.node, {"spec": {"drain": drain}}
-            )
+            k.patch_nhv(args.node, {"spec": {"drain": drain}})
             print(f"nodehypervisor/{args.node} {'draining' if drain else 'no longer draining'}")
             if not (drain and args.wait):
                 return 0
@@ -53,17 +52,17 @@ def run(args: argparse.Namespace) -> int:
         if exc.status == 404:
             return kube.fail(f"no NodeHypervisor named {args.node}")
         return kube.fail(kube.api_error(exc))
+    except kube.BadObject as exc:
+        return kube.fail(str(exc))
     except KeyboardInterrupt:
         print(f"\nstill draining; undo with: kubehv drain --undo {args.node}")
         return 130
 
 
-def drained_condition(nhv: dict[str, object]) -> tuple[bool, str]:
+def drained_condition(nhv: api.NodeHypervisor) -> tuple[bool, str]:
     """(Drained is True, its message) from a NodeHypervisor; (False, "") before the controller
     has written it."""
-    status = nhv.get("status")
-    conds = status.get("conditions") if isinstance(status, dict) else None
-    for cond in conds if isinstance(conds, list) else []:
-        if isinstance(cond, dict) and cond.get("type") == "Drained":
-            return cond.get("status") == "True", str(cond.get("message") or "")
-    return False, ""
+    cond = kube.condition(nhv.status.conditions, "Drained")
+    if cond is None:
+        return False, ""
+    return cond.status == api.conditions.ConditionStatus.TRUE, cond.message

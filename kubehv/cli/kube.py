@@ -2,9 +2,10 @@
 
 Why this module exists: the four commands resolve the kubeconfig and namespace the same way
 kubectl does (``--kubeconfig``, then ``KUBECONFIG``, then ``~/.kube/config``, then in-cluster;
-namespace from ``-n`` or the context), and read kubehv objects as plain dicts through the
-generic custom-objects API, so a CLI works against any server version of the CRDs it can
-read. As ``kubectl kubehv ...`` the plugin inherits ``KUBECONFIG`` from kubectl's environment.
+namespace from ``-n`` or the context), and read kubehv objects through the generic
+custom-objects API, parsed at once into the :mod:`kubehv.api` models (the commands never
+index an API object by string key: a renamed field fails here, loudly). As
+``kubectl kubehv ...`` the plugin inherits ``KUBECONFIG`` from kubectl's environment.
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
+import pydantic
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client import exceptions as k8s_exceptions
 
-GROUP = "kubehv.io"
-VERSION = "v1alpha1"
-VI = "virtualinstances"
-MIGRATION = "migrations"
-NHV = "nodehypervisors"
+from kubehv import api
+from kubehv.api import constants
+
+GROUP = constants.GROUP
+VERSION = constants.VERSION
+VI = constants.PLURAL_VI
+MIGRATION = constants.PLURAL_MIG
+NHV = constants.PLURAL_NHV
 
 ApiException = k8s_exceptions.ApiException
 
@@ -64,6 +69,7 @@ class Kube:
         self.namespace: str = namespace or "default"
         # Typed as Any: the generated client's methods return loosely typed JSON.
         self.custom: Any = k8s_client.CustomObjectsApi(self.api)
+        self.core: Any = k8s_client.CoreV1Api(self.api)
 
     def close(self) -> None:
         self.api.close()  # type: ignore[no-untyped-call]
@@ -74,26 +80,24 @@ class Kube:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- reads and writes as dicts ----------------------------------------------------------
-    def get_vi(self, name: str, namespace: str | None = None) -> dict[str, Any]:
-        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+    # ---- reads, parsed into the kubehv.api models at this edge ------------------------------
+    def get_vi(self, name: str, namespace: str | None = None) -> api.VirtualInstance:
+        obj = self.custom.get_namespaced_custom_object(
             GROUP, VERSION, namespace or self.namespace, VI, name
         )
-        return obj
+        return parse(api.VirtualInstance, obj)
 
-    def get_nhv(self, name: str) -> dict[str, Any]:
-        obj: dict[str, Any] = self.custom.get_cluster_custom_object(GROUP, VERSION, NHV, name)
-        return obj
+    def get_nhv(self, name: str) -> api.NodeHypervisor:
+        obj = self.custom.get_cluster_custom_object(GROUP, VERSION, NHV, name)
+        return parse(api.NodeHypervisor, obj)
 
-    def list_nhvs(self) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self.custom.list_cluster_custom_object(GROUP, VERSION, NHV)[
-            "items"
-        ]
-        return items
+    def list_nhvs(self) -> list[api.NodeHypervisor]:
+        result = self.custom.list_cluster_custom_object(GROUP, VERSION, NHV)
+        return parse_list(api.NodeHypervisor, result)
 
     def list_vis(
         self, namespace: str | None = None, field_selector: str | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[api.VirtualInstance]:
         kwargs: dict[str, Any] = {}
         if field_selector:
             kwargs["field_selector"] = field_selector
@@ -103,26 +107,44 @@ class Kube:
             result = self.custom.list_namespaced_custom_object(
                 GROUP, VERSION, namespace, VI, **kwargs
             )
-        items: list[dict[str, Any]] = result["items"]
-        return items
+        return parse_list(api.VirtualInstance, result)
 
-    def vis_on_node(self, node: str) -> list[dict[str, Any]]:
+    def vis_on_node(self, node: str) -> list[api.VirtualInstance]:
         """Instances whose status.nodeName is ``node`` (server-side when the CRD allows)."""
         try:
-            return self.list_vis(field_selector=f"status.nodeName={node}")
+            return self.list_vis(field_selector=f"{constants.FIELD_VI_NODE}={node}")
         except ApiException as exc:
             if exc.status != 400:
                 raise
-        return [v for v in self.list_vis() if status_of(v).get("nodeName") == node]
+        return [v for v in self.list_vis() if v.status.node_name == node]
+
+    def create_migration(self, body: api.Migration) -> api.Migration:
+        namespace = body.metadata.namespace or self.namespace
+        created = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, MIGRATION, body.to_dict()
+        )
+        return parse(api.Migration, created)
+
+    def patch_vi(
+        self, name: str, patch: dict[str, Any], namespace: str | None = None
+    ) -> api.VirtualInstance:
+        obj = self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace or self.namespace, VI, name, patch
+        )
+        return parse(api.VirtualInstance, obj)
+
+    def patch_nhv(self, name: str, patch: dict[str, Any]) -> api.NodeHypervisor:
+        obj = self.custom.patch_cluster_custom_object(GROUP, VERSION, NHV, name, patch)
+        return parse(api.NodeHypervisor, obj)
 
     def watch_migration(
         self, name: str, namespace: str, timeout_s: int
-    ) -> Iterator[dict[str, Any]]:
-        """The Migration now, then each change, until ``timeout_s`` passes without a change."""
-        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, MIGRATION, name
-        )
-        yield obj
+    ) -> Iterator[api.Migration | None]:
+        """The Migration now, then each change, until ``timeout_s`` passes without a change;
+        ``None`` when it is deleted (and the end)."""
+        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATION, name)
+        first = parse(api.Migration, obj)
+        yield first
         w = k8s_watch.Watch()  # type: ignore[no-untyped-call]
         for event in w.stream(  # type: ignore[no-untyped-call]
             self.custom.list_namespaced_custom_object,
@@ -131,26 +153,52 @@ class Kube:
             namespace,
             MIGRATION,
             field_selector=f"metadata.name={name}",
-            resource_version=obj["metadata"].get("resourceVersion"),
+            resource_version=first.metadata.resource_version,
             timeout_seconds=timeout_s,
         ):
-            if event["type"] in ("ADDED", "MODIFIED"):
-                yield event["object"]
-            elif event["type"] == "DELETED":
-                yield {**event["object"], "_deleted": True}
+            change = WatchEvent.model_validate(event)
+            if change.type in ("ADDED", "MODIFIED"):
+                yield parse(api.Migration, change.object)
+            elif change.type == "DELETED":
+                yield None
                 return
 
 
-def status_of(obj: dict[str, Any]) -> dict[str, Any]:
-    status = obj.get("status")
-    return status if isinstance(status, dict) else {}
+class WatchEvent(pydantic.BaseModel):
+    type: str
+    object: dict[str, Any] = pydantic.Field(default_factory=dict)
 
 
-def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for cond in status_of(obj).get("conditions") or []:
-        if isinstance(cond, dict) and cond.get("type") == kind:
-            return cond
-    return None
+class Status(pydantic.BaseModel):
+    """The API server's Status body of an error."""
+
+    message: str = ""
+
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+class BadObject(Exception):
+    """An object the server returned that does not parse into the kubehv.api model."""
+
+
+def parse(model: type[M], obj: Any) -> M:
+    try:
+        return model.model_validate(obj)
+    except pydantic.ValidationError as exc:
+        raise BadObject(f"the server's {model.__name__} does not parse: {exc}") from exc
+
+
+class _List(pydantic.BaseModel):
+    items: list[dict[str, Any]] = pydantic.Field(default_factory=list)
+
+
+def parse_list(model: type[M], result: Any) -> list[M]:
+    return [parse(model, item) for item in _List.model_validate(result).items]
+
+
+def condition(conditions: list[api.Condition], kind: str) -> api.Condition | None:
+    return api.conditions.get_condition(conditions, kind)
 
 
 def fail(message: str, code: int = 1) -> int:
@@ -160,10 +208,7 @@ def fail(message: str, code: int = 1) -> int:
 
 def api_error(exc: ApiException) -> str:
     """The API server's message, not the client's multi-line dump."""
-    import json  # noqa: PLC0415 - only on the error path
-
     try:
-        body = json.loads(exc.body or "{}")
-        return str(body.get("message") or exc.reason)
-    except ValueError:
+        return Status.model_validate_json(exc.body or "{}").message or str(exc.reason)
+    except pydantic.ValidationError:
         return str(exc.reason)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
+from kubehv import api
+from kubehv.api import constants, migration
+from kubehv.api import metadata as meta
 from kubehv.cli import kube
 
-TERMINAL = ("Succeeded", "Failed", "Aborted")
 BAR_WIDTH = 30
 
 
@@ -27,63 +29,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds for --wait")
 
 
-def migration_body(args: argparse.Namespace, namespace: str) -> dict[str, Any]:
-    spec: dict[str, Any] = {"instance": args.name, "mode": args.mode}
-    if args.target:
-        spec["targetNode"] = args.target
-    return {
-        "apiVersion": f"{kube.GROUP}/{kube.VERSION}",
-        "kind": "Migration",
-        "metadata": {"generateName": f"{args.name[:50]}-", "namespace": namespace},
-        "spec": spec,
-    }
+def migration_body(args: argparse.Namespace, namespace: str) -> api.Migration:
+    return api.Migration(
+        metadata=meta.ObjectMeta(generate_name=f"{args.name[:50]}-", namespace=namespace),
+        spec=api.MigrationSpec(
+            instance=args.name, mode=migration.Mode(args.mode), target_node=args.target
+        ),
+    )
 
 
-def progress_line(mig: dict[str, Any]) -> str:
-    status = kube.status_of(mig)
-    phase = str(status.get("phase") or "Pending")
-    progress = status.get("progress") or {}
-    percent = progress.get("percent")
-    pct = max(0, min(100, int(percent))) if isinstance(percent, int | float) else 0
-    if phase == "Succeeded":
+def progress_line(mig: api.Migration) -> str:
+    phase = mig.status.phase or migration.Phase.PENDING
+    percent = mig.status.progress.percent if mig.status.progress else None
+    pct = max(0, min(100, percent)) if percent is not None else 0
+    if phase == migration.Phase.SUCCEEDED:
         pct = 100
     filled = pct * BAR_WIDTH // 100
     bar = "#" * filled + "." * (BAR_WIDTH - filled)
-    target = status.get("targetNode") or (mig.get("spec") or {}).get("targetNode") or "?"
+    target = mig.status.target_node or mig.spec.target_node or "?"
     return f"[{bar}] {pct:3d}%  {phase:<11} -> {target}"
 
 
-def instance_moved(mig: dict[str, Any]) -> bool:
+def instance_moved(mig: api.Migration) -> bool:
     """The controller's InstanceMoved condition: the VirtualInstance's nodeName is the target."""
-    conds = kube.status_of(mig).get("conditions") or []
-    return any(c.get("type") == "InstanceMoved" and c.get("status") == "True" for c in conds)
+    return api.conditions.is_true(mig.status.conditions, "InstanceMoved")
 
 
 def follow(k: kube.Kube, name: str, namespace: str, timeout_s: int, out: TextIO) -> str:
     """Draw progress until a terminal phase; returns the phase ("" if it never ended)."""
     tty = out.isatty()
     last = ""
-    phase = ""
+    phase: migration.Phase | None = None
     for mig in k.watch_migration(name, namespace, timeout_s):
-        if mig.get("_deleted"):
+        if mig is None:
             out.write("\nthe Migration was deleted\n")
             return "Deleted"
         line = progress_line(mig)
-        phase = str(kube.status_of(mig).get("phase") or "")
+        phase = mig.status.phase
         if line != last:
             out.write(("\r" + line) if tty else (line + "\n"))
             out.flush()
             last = line
-        if phase == "Succeeded" and not instance_moved(mig):
+        if phase == migration.Phase.SUCCEEDED and not instance_moved(mig):
             continue  # the controller points the VirtualInstance at the target right after
-        if phase in TERMINAL:
+        if phase in migration.TERMINAL_PHASES:
             if tty:
                 out.write("\n")
-            reason = kube.status_of(mig).get("failureReason")
-            if phase != "Succeeded" and reason:
+            reason = mig.status.failure_reason
+            if phase != migration.Phase.SUCCEEDED and reason:
                 out.write(f"reason: {reason}\n")
-            return phase
-    return phase if phase in TERMINAL else ""
+            return str(phase)
+    return str(phase) if phase in migration.TERMINAL_PHASES else ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,19 +87,18 @@ def run(args: argparse.Namespace) -> int:
         with kube.Kube(args) as k:
             namespace = k.namespace
             k.get_vi(args.name, namespace)  # a clear error before creating anything
-            created = k.custom.create_namespaced_custom_object(
-                kube.GROUP, kube.VERSION, namespace, kube.MIGRATION, migration_body(args, namespace)
-            )
-            name = created["metadata"]["name"]
+            created = k.create_migration(migration_body(args, namespace))
+            name = created.metadata.name
             print(f"migration.kubehv.io/{name} created")
-            if not args.wait:
+            if not args.wait or name is None:
                 return 0
             try:
                 phase = follow(k, name, namespace, args.timeout, sys.stdout)
             except KeyboardInterrupt:
+                abort = f"{constants.ABORT_ANNOTATION}=true"
                 print(
                     f"\nstopped watching; the migration goes on. Abort it with:\n"
-                    f"  kubectl annotate -n {namespace} migration {name} kubehv.io/abort=true"
+                    f"  kubectl annotate -n {namespace} migration {name} {abort}"
                 )
                 return 130
     except kube.ApiException as exc:
@@ -112,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 f"no VirtualInstance {args.name} in namespace {args.namespace or 'default'}"
             )
         return kube.fail(kube.api_error(exc))
+    except kube.BadObject as exc:
+        return kube.fail(str(exc))
     if not phase:
         return kube.fail(f"migration {name} did not finish within {args.timeout}s")
     return 0 if phase == "Succeeded" else 1

@@ -1,15 +1,18 @@
 """``kubehv status``: one readable table of nodes and one of instances.
 
 Why: ``kubectl get nhv,vi`` shows each kind alone; a person deciding where to move VMs wants
-the nodes (ready, draining, room, heartbeat) next to what runs on them. Read-only.
+the nodes (ready, draining, room, heartbeat) next to what runs on them. Read-only. Every
+column comes from a field of the :mod:`kubehv.api` models (MEM FREE is the agent's
+``status.memoryFree``, HEARTBEAT the age of its ``status.lastHeartbeat``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-from typing import Any
 
+from kubehv import api
+from kubehv.api import constants
 from kubehv.cli import kube
 
 
@@ -37,16 +40,8 @@ def _age(timestamp: str | None, now: datetime.datetime) -> str:
     return f"{seconds // 86400}d"
 
 
-def _first(mapping: dict[str, Any], *keys: str) -> Any:
-    for key in keys:
-        value = mapping.get(key)
-        if value not in (None, ""):
-            return value
-    return None
-
-
-def _mib(value: Any) -> str:
-    return "-" if value is None else f"{value}Mi" if isinstance(value, int) else str(value)
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value}Mi"
 
 
 def table(rows: list[list[str]]) -> str:
@@ -58,48 +53,38 @@ def table(rows: list[list[str]]) -> str:
 
 
 def node_rows(
-    nodes: list[dict[str, Any]], counts: dict[str, int], now: datetime.datetime
+    nodes: list[api.NodeHypervisor], counts: dict[str, int], now: datetime.datetime
 ) -> list[list[str]]:
     rows = [["NODE", "HYPERVISOR", "READY", "DRAIN", "INSTANCES", "MEM FREE", "HEARTBEAT"]]
-    for nhv in sorted(nodes, key=lambda o: o["metadata"]["name"]):
-        name = nhv["metadata"]["name"]
-        spec = nhv.get("spec") or {}
-        status = kube.status_of(nhv)
-        ready = kube.condition(nhv, "Ready")
-        node_info = status.get("nodeInfo") or {}
+    for nhv in sorted(nodes, key=lambda o: o.metadata.name or ""):
+        name = nhv.metadata.name or nhv.spec.node_name
+        ready = kube.condition(nhv.status.conditions, constants.COND_READY)
         rows.append(
             [
                 name,
-                str(_first(spec, "hypervisor") or _first(status, "hypervisor") or "-"),
-                str((ready or {}).get("status", "Unknown")),
-                "yes" if spec.get("drain") else "no",
+                nhv.spec.hypervisor,
+                str(ready.status) if ready else "Unknown",
+                "yes" if nhv.spec.drain else "no",
                 str(counts.get(name, 0)),
-                _mib(_first(node_info, "memoryFreeMiB", "memoryFreeMib", "memoryFree")),
-                _age(_first(status, "heartbeatTime", "lastHeartbeatTime", "heartbeat"), now),
+                _mib(nhv.status.memory_free),
+                _age(nhv.status.last_heartbeat, now),
             ]
         )
     return rows
 
 
-def instance_rows(instances: list[dict[str, Any]], now: datetime.datetime) -> list[list[str]]:
+def instance_rows(instances: list[api.VirtualInstance], now: datetime.datetime) -> list[list[str]]:
     rows = [["NAMESPACE", "INSTANCE", "PHASE", "NODE", "MEMORY", "VCPUS", "AGE"]]
-    for vi in sorted(
-        instances, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])
-    ):
-        spec = vi.get("spec") or {}
-        status = kube.status_of(vi)
-        memory = spec.get("memory")
-        if isinstance(memory, dict):
-            memory = memory.get("max") or memory.get("min")
+    for vi in sorted(instances, key=lambda o: (o.metadata.namespace or "", o.metadata.name or "")):
         rows.append(
             [
-                vi["metadata"].get("namespace", ""),
-                vi["metadata"]["name"],
-                str(status.get("phase") or "Pending"),
-                str(status.get("nodeName") or "-"),
-                str(memory or "-"),
-                str(spec.get("vcpus") or "-"),
-                _age(vi["metadata"].get("creationTimestamp"), now),
+                vi.metadata.namespace or "",
+                vi.metadata.name or "",
+                str(vi.status.phase or "Pending"),
+                vi.status.node_name or "-",
+                str(vi.status.actual_memory or vi.spec.memory.max),
+                str(vi.status.vcpus or vi.spec.vcpus),
+                _age(vi.metadata.creation_timestamp, now),
             ]
         )
     return rows
@@ -114,9 +99,11 @@ def run(args: argparse.Namespace) -> int:
             shown = everywhere if args.all_namespaces else k.list_vis(k.namespace)
     except kube.ApiException as exc:
         return kube.fail(kube.api_error(exc))
+    except kube.BadObject as exc:
+        return kube.fail(str(exc))
     counts: dict[str, int] = {}
     for vi in everywhere:
-        node = kube.status_of(vi).get("nodeName")
+        node = vi.status.node_name
         if node:
             counts[node] = counts.get(node, 0) + 1
     if nodes:

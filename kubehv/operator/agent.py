@@ -31,13 +31,16 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
     api_client = k8s.load_api_client(cfg.kubeconfig)
     kube = k8s.Kube(api_client)
     body = node_status.nhv_body(
-        cfg.node_name, cfg.hypervisor, cfg.connection_uri, cfg.migration_address
-    )
+        cfg.node_name, cfg.hypervisor, cfg.advertise_uri or cfg.connection_uri,
+        cfg.migration_address,
+    )  # fmt: skip
     nhv = node_status.ensure_node(kube, body)
     spec = nhv.get("spec") or {}
     # The NodeHypervisor's spec wins over flags: it is what the cluster says this node is.
+    # With an advertised URI apart, the agent itself keeps its local connection URI.
     cfg.hypervisor = str(spec.get("hypervisor") or cfg.hypervisor)
-    cfg.connection_uri = spec.get("connectionURI") or cfg.connection_uri
+    if not cfg.advertise_uri:
+        cfg.connection_uri = spec.get("connectionURI") or cfg.connection_uri
     cfg.migration_address = spec.get("migrationAddress") or cfg.migration_address
     driver = driver_registry.create_driver(
         cfg.hypervisor,

@@ -27,6 +27,7 @@ from kubehv.operator import (
     context,
     drain,
     events,
+    health,
     heartbeat,
     k8s,
     leader,
@@ -239,25 +240,39 @@ def _register_others(registry: kopf.OperatorRegistry, ctx: context.ControllerCon
 def run(cfg: opsettings.ControllerSettings) -> int:
     api_client = k8s.load_api_client(cfg.kubeconfig)
     ctx = context.ControllerContext(settings=cfg, api_client=api_client, kube=k8s.Kube(api_client))
+    # Every replica, leader or standby, serves /healthz and (in a cluster) the webhook from
+    # here on; the Lease gates only the controller's work (kubehv.operator.health, leader).
+    probes = health.Health()
+    if cfg.health_port:
+        probes.serve(cfg.health_port)
+    metrics.serve(cfg.metrics_port)  # a standby too: kubehv_leader 0
+    keeper = webhook.cluster_keeper(api_client) if cfg.webhook_port else None
+    if keeper is not None:
+        admission = webhook.AdmissionServer(keeper, cfg.webhook_port)
+        admission.start()
+        probes.ready["webhook"] = admission.serving
     elector = None
     if cfg.leader_election:
         identity = cfg.identity or f"{os.uname().nodename}-{os.getpid()}"
         elector = leader.Elector(
-            api_client, cfg.lease_name, cfg.lease_namespace, identity, cfg.lease_duration_s
+            api_client,
+            cfg.lease_name,
+            cfg.lease_namespace,
+            identity,
+            leader.Timing.for_lease(cfg.lease_duration_s),
         )
+        probes.is_leader = elector.leading.is_set
         log.info("waiting for the lease %s/%s", cfg.lease_namespace, cfg.lease_name)
         elector.acquire()
-    metrics.serve(cfg.metrics_port)
+    else:
+        probes.is_leader = lambda: True
+        leader.LEADER.set(1)
     registry = kopf.OperatorRegistry()
     opsettings.register_login(registry)
     register(registry, ctx)
     _register_others(registry, ctx)
-    keeper = None
-    if cfg.webhook_port:
+    if cfg.webhook_port and keeper is None:
         webhook.register(registry)
-        keeper = webhook.cluster_keeper(api_client)
-        if keeper is not None:
-            webhook.serve_in_cluster(registry, keeper, cfg.webhook_port)
 
     @kopf.on.startup(registry=registry, id="controller-settings")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -278,9 +293,8 @@ def run(cfg: opsettings.ControllerSettings) -> int:
             )
             settings.admission.managed = cfg.webhook_name
 
-    liveness = f"http://0.0.0.0:{cfg.health_port}/healthz" if cfg.health_port else None
     try:
-        kopf.run(registry=registry, standalone=True, clusterwide=True, liveness_endpoint=liveness)
+        kopf.run(registry=registry, standalone=True, clusterwide=True)
     finally:
         if elector is not None:
             elector.release()

@@ -154,7 +154,8 @@ class Publisher:
 
     async def _recreate(self) -> None:
         s = self.ctx.settings
-        body = nhv_body(s.node_name, s.hypervisor, s.connection_uri, s.migration_address)
+        uri = s.advertise_uri or s.connection_uri
+        body = nhv_body(s.node_name, s.hypervisor, uri, s.migration_address)
         try:
             await k8s.call(ensure_node, self.ctx.kube, body)
         except Exception as exc:

@@ -22,6 +22,9 @@ class AgentSettings:
     node_name: str
     hypervisor: str = "fake"
     connection_uri: str | None = None
+    # What other nodes use to reach this hypervisor (NodeHypervisor spec.connectionURI);
+    # None: the connection URI serves both (it names a host already, or nothing migrates).
+    advertise_uri: str | None = None
     state_dir: str = "/var/lib/kubehv"
     migration_address: str | None = None
     heartbeat_interval_s: float = 10.0

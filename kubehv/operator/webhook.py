@@ -6,22 +6,25 @@ failed later on a node. :func:`problems` is the pure check (driver class lookup,
 ``check_instance_spec``, which includes ``check_parameter_syntax``); :func:`register` wires it
 into kopf (``kopf.on.validate``). Node-side checks (files present, KVM usable) stay in the
 agent: the webhook does no I/O. Two ways to serve it: in a cluster (``KUBEHV_WEBHOOK_SECRET``
-set by the Deployment) :func:`serve_in_cluster` listens on every interface with the
-certificate :mod:`webhook_certs` keeps, for the configuration the manifests install (path
-``/virtualinstance``, the handler id); elsewhere :func:`self_signed` makes a throw-away
-certificate for a loopback server whose configuration kopf manages (tests, the demo).
+set by the Deployment) every replica, leader or standby, runs an :class:`AdmissionServer` on
+every interface with the certificate :mod:`webhook_certs` keeps, for the configuration the
+manifests install (path ``/virtualinstance``), from before leader election on; elsewhere
+:func:`self_signed` makes a throw-away certificate for a loopback server whose configuration
+kopf manages on the leader (tests, the demo: one URL, so one server).
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
 import datetime
+import http.server
+import json
 import logging
 import os
 import shutil
+import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,39 +113,100 @@ def cluster_keeper(api_client: Any) -> webhook_certs.Keeper | None:
             time.sleep(min(5.0, settings.check_interval_s))
 
 
-def serve_in_cluster(
-    registry: kopf.OperatorRegistry, keeper: webhook_certs.Keeper, port: int
-) -> None:
-    """kopf's web server on every interface with the kept certificate, re-checked on a timer
-    (kopf reloads the files when they change)."""
-    interval = keeper.settings.check_interval_s
-    tasks: list[asyncio.Task[None]] = []
+class AdmissionServer:
+    """The in-cluster webhook: HTTPS in daemon threads, independent of kopf and of the Lease.
 
-    async def renew_forever() -> None:
-        while True:
-            await asyncio.sleep(interval)
+    Every controller replica runs one from its start, so the Service always has a Ready
+    endpoint and the webhook keeps answering across a leader change (the check is stateless:
+    :func:`problems`). The certificate comes from the :class:`webhook_certs.Keeper`, re-synced
+    on a timer; a new pair is loaded into a fresh TLS context that the next connection uses.
+    """
+
+    def __init__(self, keeper: webhook_certs.Keeper, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104
+        self.keeper, self.port, self.addr = keeper, port, addr
+        self._context = self._load()
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._stop = threading.Event()
+
+    def _load(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(self.keeper.certfile), str(self.keeper.keyfile))
+        return ctx
+
+    def serving(self) -> str | None:
+        """None when the server answers (a readiness check)."""
+        return None if self._server is not None else "webhook server not started"
+
+    def start(self) -> None:
+        outer = self
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self) -> tuple[Any, Any]:
+                sock, addr = self.socket.accept()
+                # The handshake happens in the handler's thread (first read).
+                wrapped = outer._context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+                return wrapped, addr
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    review = json.loads(self.rfile.read(length) or b"{}")
+                    answer = review_response(review)
+                    code = 200
+                except ValueError as exc:
+                    answer, code = {"error": f"not an AdmissionReview: {exc}"}, 400
+                body = json.dumps(answer).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("webhook: " + format, *args)
+
+        self._server = Server((self.addr, self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="webhook", daemon=True).start()
+        threading.Thread(target=self._renew_forever, name="webhook-certs", daemon=True).start()
+        log.info("webhook serving on %s:%s", self.addr, self.port)
+
+    def _renew_forever(self) -> None:
+        while not self._stop.wait(self.keeper.settings.check_interval_s):
             try:
-                await asyncio.to_thread(keeper.sync)
+                if self.keeper.sync():
+                    self._context = self._load()
+                    log.info("webhook certificate reloaded")
             except Exception:
                 log.exception("webhook certificate check failed; will retry")
 
-    @kopf.on.startup(registry=registry, id="webhook-server")
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.admission.server = kopf.WebhookServer(
-            addr="0.0.0.0",  # noqa: S104 - the Service reaches the pod on its own address
-            port=port,
-            certfile=str(keeper.certfile),
-            pkeyfile=str(keeper.keyfile),
-            file_check_interval=interval,
-        )
+    def close(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
 
-    @kopf.on.startup(registry=registry, id="webhook-certificates")
-    async def start(**_: Any) -> None:
-        tasks.append(asyncio.create_task(renew_forever(), name="webhook-certificates"))
 
-    @kopf.on.cleanup(registry=registry, id="webhook-certificates-stop")
-    async def stop(**_: Any) -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+def review_response(review: Mapping[str, Any]) -> dict[str, Any]:
+    """The AdmissionReview answer for a request (CREATE/UPDATE of a VirtualInstance)."""
+    request = review.get("request")
+    if not isinstance(request, Mapping):
+        raise ValueError("no request")
+    obj = request.get("object")
+    response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": True}
+    if isinstance(obj, Mapping) and not (obj.get("metadata") or {}).get("deletionTimestamp"):
+        why = problems(obj)
+        if why:
+            response = {**response, "allowed": False, "status": {"code": 422, "message": why}}
+    return {
+        "apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
+        "kind": "AdmissionReview",
+        "response": response,
+    }

@@ -257,7 +257,9 @@ def test_console_follows_the_instance_to_its_node(
     place(admin, user_namespace, "kvmvm", nodes[1])
     proc = kubehv(kubehv_installed, "console", "kvmvm", "-n", user_namespace, "--print")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "virsh -c qemu+tcp://10.0.0.2/system console kvmvm"
+    # The domain is <namespace>.<name>; the URI names a host, so virsh runs from here.
+    want = f"virsh -c qemu+tcp://10.0.0.2/system console {user_namespace}.kvmvm"
+    assert proc.stdout.strip() == want
 
     place(admin, user_namespace, "unplaced", None)
     proc = kubehv(kubehv_installed, "console", "unplaced", "-n", user_namespace)

@@ -69,6 +69,13 @@ def agent_spec_patch_refused(api: Any, ns: str, name: str) -> bool:
     return False
 
 
+def bind(admin: Any, ns: str, name: str, node: str) -> None:
+    """The controller's placement: status.nodeName (written here by the admin)."""
+    admin.patch_namespaced_custom_object_status(
+        GROUP, VERSION, ns, VI, name, {"status": {"nodeName": node}}
+    )
+
+
 def test_agent_cannot_patch_a_spec_but_can_patch_status_and_finalizers(
     kubehv_installed: controlplane.ControlPlane,
     impersonate: Impersonate,
@@ -76,12 +83,14 @@ def test_agent_cannot_patch_a_spec_but_can_patch_status_and_finalizers(
     instance: str,
 ) -> None:
     ns, name = user_namespace, instance
-    agent = custom(impersonate(AGENT))
+    admin = custom(kubehv_installed.api_client())
+    bind(admin, ns, name, "node-a")
+    agent = custom(impersonate(AGENT, node="node-a"))
     before = agent.get_namespaced_custom_object(GROUP, VERSION, ns, VI, name)
 
     # RBAC allows the patch (kopf needs it); the admission policy refuses a spec change.
     wait_policy_active(
-        lambda: agent_spec_patch_refused(impersonate(AGENT), ns, name),
+        lambda: agent_spec_patch_refused(impersonate(AGENT, node="node-a"), ns, name),
         "kubehv-components-never-write-spec",
     )
     with pytest.raises(ApiException) as info:
@@ -89,7 +98,6 @@ def test_agent_cannot_patch_a_spec_but_can_patch_status_and_finalizers(
     assert info.value.status == 403
     assert info.value.body is not None
     assert "never the spec of a VirtualInstance" in info.value.body
-    admin = custom(kubehv_installed.api_client())
     after = admin.get_namespaced_custom_object(GROUP, VERSION, ns, VI, name)
     assert after["spec"] == before["spec"]
 
@@ -121,6 +129,118 @@ def test_agent_cannot_patch_a_spec_but_can_patch_status_and_finalizers(
     forbidden(lambda: agent.delete_namespaced_custom_object(GROUP, VERSION, ns, VI, name))
 
 
+def refused_by_policy(call: Any, words: str) -> bool:
+    """True when ``call()`` is refused (403) with ``words`` in the message; False when allowed
+    (the policy not loaded yet)."""
+    try:
+        call()
+    except ApiException as exc:
+        if exc.status == 403 and words in (exc.body or ""):
+            return True
+        raise
+    return False
+
+
+def test_agent_writes_status_only_of_instances_bound_to_its_node(
+    kubehv_installed: controlplane.ControlPlane,
+    impersonate: Impersonate,
+    user_namespace: str,
+    instance: str,
+) -> None:
+    ns, name = user_namespace, instance
+    admin = custom(kubehv_installed.api_client())
+    bind(admin, ns, name, "node-a")
+    other = custom(impersonate(AGENT, node="node-b"))
+
+    def steal() -> None:
+        other.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, VI, name, {"status": {"phase": "Failed"}}
+        )
+
+    wait_policy_active(
+        lambda: refused_by_policy(steal, "bound to node-a"), "kubehv-agent-own-instances"
+    )
+    # Another node's agent: neither status nor its finalizer, nor pulling it to itself.
+    forbidden(steal)
+    forbidden(
+        lambda: other.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, VI, name, {"status": {"nodeName": "node-b"}}
+        )
+    )
+    forbidden(
+        lambda: other.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, VI, name, {"metadata": {"finalizers": None}}
+        )
+    )
+    # Its own node's agent may write status, but never move the binding.
+    own = custom(impersonate(AGENT, node="node-a"))
+    own.patch_namespaced_custom_object_status(
+        GROUP, VERSION, ns, VI, name, {"status": {"phase": "Running"}}
+    )
+    refusal = forbidden(
+        lambda: own.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, VI, name, {"status": {"nodeName": "node-b"}}
+        )
+    )
+    assert "never changes status.nodeName" in (refusal.body or "")
+    # A token not bound to a pod on a node (no node-name claim): refused outright.
+    unbound = custom(impersonate(AGENT))
+    refusal = forbidden(
+        lambda: unbound.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, VI, name, {"status": {"phase": "Running"}}
+        )
+    )
+    assert "bound to a pod on a node" in (refusal.body or "")
+    got = admin.get_namespaced_custom_object(GROUP, VERSION, ns, VI, name)["status"]
+    assert (got["nodeName"], got["phase"]) == ("node-a", "Running")
+
+
+def test_agent_writes_only_migrations_from_or_to_its_node(
+    kubehv_installed: controlplane.ControlPlane,
+    impersonate: Impersonate,
+    user_namespace: str,
+    instance: str,
+) -> None:
+    ns = user_namespace
+    admin = custom(kubehv_installed.api_client())
+    admin.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        "migrations",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Migration",
+            "metadata": {"name": "mig"},
+            "spec": {"instance": instance},
+        },
+    )
+    admin.patch_namespaced_custom_object_status(
+        GROUP, VERSION, ns, "migrations", "mig",
+        {"status": {"phase": "Scheduled", "sourceNode": "node-a", "targetNode": "node-b"}},
+    )  # fmt: skip
+
+    def write_as(node: str, status: dict[str, Any]) -> Any:
+        api = custom(impersonate(AGENT, node=node))
+        return lambda: api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, "migrations", "mig", {"status": status}
+        )
+
+    wait_policy_active(
+        lambda: refused_by_policy(write_as("node-c", {"phase": "Failed"}), "from or to its node"),
+        "kubehv-agent-own-migrations",
+    )
+    forbidden(write_as("node-c", {"targetNode": "node-c"}))
+    write_as("node-b", {"phase": "Preparing"})()
+    write_as("node-a", {"phase": "Running"})()
+    refusal = forbidden(write_as("node-b", {"targetNode": "node-c"}))
+    assert "never changes a migration's status.sourceNode or status.targetNode" in (
+        refusal.body or ""
+    )
+    got = admin.get_namespaced_custom_object(GROUP, VERSION, ns, "migrations", "mig")["status"]
+    assert (got["phase"], got["sourceNode"], got["targetNode"]) == ("Running", "node-a", "node-b")
+
+
 def test_controller_cannot_patch_a_spec_either(
     kubehv_installed: controlplane.ControlPlane,
     impersonate: Impersonate,
@@ -140,29 +260,64 @@ def test_controller_cannot_patch_a_spec_either(
     forbidden(lambda: controller.delete_namespaced_custom_object(GROUP, VERSION, ns, VI, name))
 
 
-def test_secrets_agent_gets_one_controller_only_its_own(
+def test_secrets_agent_gets_only_console_secrets_controller_only_its_own(
     kubehv_installed: controlplane.ControlPlane,
     impersonate: Impersonate,
     user_namespace: str,
 ) -> None:
     admin = k8s.CoreV1Api(kubehv_installed.api_client())
-    admin.create_namespaced_secret(
-        user_namespace,
-        k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="vnc"), string_data={"password": "x"}),
-    )
-    agent = k8s.CoreV1Api(impersonate(AGENT))
+    for name in ("kubehv-console", "db-password"):
+        admin.create_namespaced_secret(
+            user_namespace,
+            k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), string_data={"password": "x"}),
+        )
+    agent = k8s.CoreV1Api(impersonate(AGENT, node="node-a"))
     controller = k8s.CoreV1Api(impersonate(CONTROLLER))
 
-    # Agent: get a named Secret (a console password the VI references), never list/watch.
-    secret = agent.read_namespaced_secret("vnc", user_namespace)
+    # Agent: the console-password Secret by its name, nothing else; never list/watch.
+    secret = agent.read_namespaced_secret("kubehv-console", user_namespace)
     assert secret.data is not None and secret.data["password"]
+    forbidden(lambda: agent.read_namespaced_secret("db-password", user_namespace))
+    forbidden(lambda: agent.read_namespaced_secret("kubehv-webhook-tls", "kubehv-system"))
     forbidden(lambda: agent.list_namespaced_secret(user_namespace))
     forbidden(agent.list_secret_for_all_namespaces)
 
     # Controller: its webhook certificate Secret and nothing else.
     controller.read_namespaced_secret("kubehv-webhook-tls", "kubehv-system")
-    forbidden(lambda: controller.read_namespaced_secret("vnc", user_namespace))
+    forbidden(lambda: controller.read_namespaced_secret("kubehv-console", user_namespace))
     forbidden(lambda: controller.list_namespaced_secret("kubehv-system"))
+
+
+def test_console_password_must_come_from_the_readable_secret(
+    kubehv_installed: controlplane.ControlPlane, user_namespace: str
+) -> None:
+    """An instance naming another Secret would fail on its node with "forbidden": refused at
+    the door instead, saying which name works."""
+    admin = custom(kubehv_installed.api_client())
+
+    def with_secret(name: str, secret: str) -> dict[str, Any]:
+        body = example_instance(name, user_namespace)
+        body["spec"]["console"] = {
+            "vnc": {"enabled": True, "passwordSecretRef": {"name": secret, "key": name}}
+        }
+        return body
+
+    def refused() -> bool:
+        try:
+            admin.create_namespaced_custom_object(
+                GROUP, VERSION, user_namespace, VI, with_secret("probe", "db-password")
+            )
+        except ApiException as exc:
+            if exc.status == 422 and "must be kubehv-console" in (exc.body or ""):
+                return True
+            raise
+        admin.delete_namespaced_custom_object(GROUP, VERSION, user_namespace, VI, "probe")
+        return False
+
+    wait_policy_active(refused, "kubehv-console-secret-name")
+    admin.create_namespaced_custom_object(
+        GROUP, VERSION, user_namespace, VI, with_secret("ok", "kubehv-console")
+    )
 
 
 def test_agent_writes_only_its_own_nodehypervisor(
@@ -253,6 +408,8 @@ def test_controller_leader_election_lease(
         (AGENT, "update", "virtualinstances", False),
         (AGENT, "delete", "virtualinstances", False),
         (AGENT, "list", "secrets", False),
+        (AGENT, "get", "secrets", False),
+        (AGENT, "get", "secrets/kubehv-console", True),
         (AGENT, "create", "nodehypervisors", True),
         (CONTROLLER, "create", "migrations", True),
         (CONTROLLER, "create", "nodehypervisors", False),
@@ -268,9 +425,11 @@ def test_can_i_cross_check(
     allowed: bool,
 ) -> None:
     resource_arg, _, sub = resource.partition("/")
-    extra = ["--subresource", sub] if sub else []
-    if resource not in ("secrets",):
+    if resource_arg == "secrets":
+        resource_arg, extra = resource, []  # secrets/NAME: a resource name, not a subresource
+    else:
         resource_arg += ".kubehv.io"
+        extra = ["--subresource", sub] if sub else []
     proc = kubehv_installed.kubectl(
         "auth", "can-i", verb, resource_arg, *extra, "-A", f"--as={user}", check=False
     )
