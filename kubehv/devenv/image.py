@@ -5,7 +5,7 @@ Why: the real node (``kubehv.devenv.kubenode``) runs the shipped manifests, so i
 three layers, each cached by what it is made of so a code change rebuilds only the last:
 
 1. ``os``: a Debian bookworm minbase rootfs (``debootstrap``) with python3 and libvirt0 (the
-   Dockerfile's runtime stage: python 3.11 + the libvirt client library, no compiler) and the
+   Dockerfile's runtime stage: python 3.11, libvirt0 and virsh, no compiler) and the
    non-root user 65532;
 2. ``wheels``: exactly the pinned set of ``requirements.lock`` (the Dockerfile's ``pip wheel
    -r requirements.lock``), installed under ``/usr/local``; keyed by the lock's content hash;
@@ -37,7 +37,7 @@ from kubehv.devenv import binaries
 
 SUITE = "bookworm"
 MIRROR = os.environ.get("KUBEHV_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-OS_PACKAGES = ("python3", "libvirt0", "ca-certificates")
+OS_PACKAGES = ("python3", "libvirt0", "libvirt-clients", "ca-certificates")
 HOST_PYTHON = "/usr/bin/python3"  # Debian's 3.11, the same interpreter the rootfs gets
 IMAGE_REF = "kubehv:dev"
 PAUSE_REF = "kubehv-pause:3.10"
