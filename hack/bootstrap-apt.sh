@@ -22,10 +22,9 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # No systemd here, and the tests start containerd (and libvirtd) by hand with their own
 # config: keep the packages' init scripts from starting services (policy-rc.d, exit 101).
-made_policy=0
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-  $SUDO chmod +x /usr/sbin/policy-rc.d; made_policy=1
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+  trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
 fi
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-[ "$made_policy" = 0 ] || $SUDO rm -f /usr/sbin/policy-rc.d
