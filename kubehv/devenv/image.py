@@ -128,6 +128,7 @@ def os_layer() -> Path:
             with (root / "etc/group").open("a") as fh:
                 fh.write(f"kubehv:x:{NON_ROOT}:\n")
             _pack(root, out, skip_os_noise=True)
+            _drop_others("os-*.tar", out)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     return out
@@ -149,6 +150,7 @@ def wheels_layer() -> Path:
                 work / "root", "--no-index", "--find-links", str(work / "w"), "-r", str(lock)
             )
             _pack(work / "root", out)
+            _drop_others("wheels-*.tar", out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out
@@ -169,12 +171,17 @@ def kubehv_layer() -> Path:
                 shutil.copy2(binaries.REPO_ROOT / f, src / f)
             _pip_install(work / "root", "--no-deps", str(src))
             _pack(work / "root", out)
-            for old in cache_dir().glob("kubehv-*.tar"):  # one code layer is enough
-                if old != out:
-                    old.unlink(missing_ok=True)
+            _drop_others("kubehv-*.tar", out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _drop_others(pattern: str, keep: Path) -> None:
+    """One cached layer of each kind is enough: a new lock or package list replaces it."""
+    for old in cache_dir().glob(pattern):
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def _pip_install(root: Path, *args: str) -> None:

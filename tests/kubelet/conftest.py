@@ -23,11 +23,12 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes
+import pluggy
 import pytest
 
 from kubehv.devenv import binaries, kubenode
@@ -198,3 +199,16 @@ def vi_namespace(deployed: Deployed) -> Iterator[str]:
         with contextlib.suppress(Exception):
             deployed.kubectl("delete", "vi,mig", "--all", "-n", name, "--timeout=120s")
         deployed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: Any
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        d = getattr(item, "funcargs", {}).get("deployed")
+        if isinstance(d, Deployed):
+            with contextlib.suppress(Exception):
+                report.sections.append(("real node and pod logs", d.logs()))
