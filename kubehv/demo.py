@@ -329,24 +329,24 @@ class Demo:
                 print(one.stdout + one.stderr, flush=True)
         else:
             print(out.stdout + out.stderr, flush=True)
-        print(f"export KUBECONFIG={self.cp.kubeconfig}", flush=True)
-        kubectl = shutil.which("kubectl")
-        if kubectl and Path(kubectl).parent == binaries.cached_dir():
-            # No kubectl of the user's own: the one hack/controlplane/build.sh built.
-            print(f'export PATH="$PATH:{binaries.cached_dir()}"', flush=True)
         if len(self.nodes) > 1:
             where = self.cp.kubectl(
                 "get", "vi", "demo-kvm", "-o", "jsonpath={.status.nodeName}", check=False
             ).stdout.strip()
             other = where or self.nodes[0].name
             print(
-                "\nTry next (with the exports above; kubehv is in .venv/bin):\n"
+                "Try next (after the exports below; kubehv is in .venv/bin):\n"
                 "  kubehv migrate demo-kvm --wait        # live migration with progress\n"
                 f"  kubehv drain {other} --wait            # move every instance off a node\n"
                 "  kubectl patch vi demo-kvm --type merge "
-                '-p \'{"spec":{"autoBalloon":{"enabled":true,"target":"96Mi"}}}\'  # balloon',
+                '-p \'{"spec":{"autoBalloon":{"enabled":true,"target":"96Mi"}}}\'  # balloon\n',
                 flush=True,
             )
+        print(f"export KUBECONFIG={self.cp.kubeconfig}", flush=True)
+        kubectl = shutil.which("kubectl")
+        if kubectl and Path(kubectl).parent == binaries.cached_dir():
+            # No kubectl of the user's own: the one hack/controlplane/build.sh built.
+            print(f'export PATH="$PATH:{binaries.cached_dir()}"', flush=True)
         progress(
             f"running with the {self.driver} driver on {len(self.nodes)} node(s); "
             "Ctrl-C or `make demo-down` stops everything"

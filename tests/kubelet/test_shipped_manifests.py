@@ -91,10 +91,11 @@ def _can(d: Deployed, who: str, *what: str) -> bool:
         (AGENT_SA, ("delete", "virtualinstances.kubehv.io", "-A"), False),
         (AGENT_SA, ("create", "pods", "-A"), False),
         (AGENT_SA, ("patch", "nodehypervisors.kubehv.io"), True),
-        (AGENT_SA, ("patch", "virtualinstances.kubehv.io/status", "-A"), True),
+        (AGENT_SA, ("patch", "virtualinstances.kubehv.io", "--subresource=status", "-A"), True),
         (CONTROLLER_SA, ("list", "secrets", "-A"), False),
         (CONTROLLER_SA, ("create", "pods", "-A"), False),
-        (CONTROLLER_SA, ("patch", "migrations.kubehv.io/status", "-A"), True),
+        (CONTROLLER_SA, ("patch", "migrations.kubehv.io", "--subresource=status", "-A"), True),
+        (CONTROLLER_SA, ("get", "secrets", "-n", SYSTEM_NS), False),
     ],
 )
 def test_rbac_limits_by_impersonation(
