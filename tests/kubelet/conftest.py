@@ -65,6 +65,12 @@ class Deployed:
         selector = f"app.kubernetes.io/name={name}"
         return list(self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items)
 
+    def settled_controllers(self) -> list[Any]:
+        """The two controller pods once both run and are Ready (none terminating), else []."""
+        pods = [p for p in self.pods("kubehv-controller") if not p.metadata.deletion_timestamp]
+        ready = [p for p in pods if all(c.ready for c in p.status.container_statuses or [])]
+        return pods if len(pods) == 2 and len(ready) == 2 else []
+
     def vi(self, namespace: str, name: str) -> dict[str, Any] | None:
         return get_object(self.custom, namespace, "virtualinstances", name)
 

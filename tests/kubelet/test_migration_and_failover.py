@@ -97,10 +97,6 @@ def test_leader_pod_deleted_standby_takes_over(deployed: Deployed, vi_namespace:
     assert _webhook_answers(deployed, vi_namespace)
 
     # The Deployment replaces the deleted pod; no container restarted by its probe.
-    def settled() -> list[Any]:
-        pods = [p for p in deployed.pods("kubehv-controller") if not p.metadata.deletion_timestamp]
-        ready = [p for p in pods if all(c.ready for c in p.status.container_statuses or [])]
-        return pods if len(pods) == 2 and len(ready) == 2 else []
-
-    for pod in wait_for(settled, 240, "two Ready controller pods again", interval=1.0):
+    pods = wait_for(deployed.settled_controllers, 240, "two Ready controllers again", interval=1)
+    for pod in pods:
         assert all(c.restart_count == 0 for c in pod.status.container_statuses), pod.metadata.name
