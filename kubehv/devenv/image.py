@@ -263,9 +263,12 @@ def docker_archive(
     return ImageArchive(out, ref)
 
 
-def kubehv_image(out_dir: Path) -> ImageArchive:
-    """The kubehv image as in the Dockerfile: entrypoint ``kubehv``, user 65532."""
+def kubehv_image() -> ImageArchive:
+    """The kubehv image as in the Dockerfile: entrypoint ``kubehv``, user 65532.
+
+    The archive is cached too (named after its layers), so a warm start only imports it."""
     layers = [os_layer(), wheels_layer(), kubehv_layer()]
+    out = cache_dir() / f"image-{_digest(*(p.name.encode() for p in layers))}.tar"
     config: dict[str, object] = {
         "Entrypoint": ["/usr/local/bin/kubehv"],
         "Cmd": ["--help"],
@@ -277,7 +280,12 @@ def kubehv_image(out_dir: Path) -> ImageArchive:
         ],
         "ExposedPorts": {"9100/tcp": {}, "8081/tcp": {}, "9443/tcp": {}},
     }
-    return docker_archive(layers, IMAGE_REF, out_dir / "kubehv-image.tar", config)
+    with _locked("image"):
+        if out.is_file():
+            return ImageArchive(out, IMAGE_REF)
+        archive = docker_archive(layers, IMAGE_REF, out, config)
+        _drop_others("image-*.tar", out)
+    return archive
 
 
 def pause_image(pause_binary: Path, out_dir: Path) -> ImageArchive:

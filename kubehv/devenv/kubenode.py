@@ -219,10 +219,9 @@ class KubeNode:
         out = self.dir / "images"
         out.mkdir(exist_ok=True)
         self.containerd.import_image(image.pause_image(node_bins.pause, out).path)
-        built = image.kubehv_image(out)
+        built = image.kubehv_image()
         self.timings["image build"] = round(time.monotonic() - began, 1)
         self.containerd.import_image(built.path)
-        built.path.unlink(missing_ok=True)  # the layers stay cached; the archive is a copy
         self.timings["images"] = round(time.monotonic() - began, 1)
 
     def _admin_args(self) -> list[str]:
