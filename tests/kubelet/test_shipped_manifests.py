@@ -44,11 +44,12 @@ def test_every_pod_ready_and_the_agent_pod_registers_its_node(deployed: Deployed
 
 
 def test_guest_runs_through_the_daemonset_agent(deployed: Deployed, vi_namespace: str) -> None:
-    name = f"g-{uuid.uuid4().hex[:5]}"
-    deployed.kubectl("apply", "-f", "-", stdin=deployed.guest_manifest(vi_namespace, name))
+    name, home = f"g-{uuid.uuid4().hex[:5]}", deployed.node.node_name
+    manifest = deployed.guest_manifest(vi_namespace, name, nodeName=home)
+    deployed.kubectl("apply", "-f", "-", stdin=manifest)
     wait_for(lambda: _phase(deployed, vi_namespace, name) == "Running", 300, f"{name} Running")
     vi = deployed.vi(vi_namespace, name) or {}
-    assert vi["status"]["nodeName"] == deployed.node.node_name
+    assert vi["status"]["nodeName"] == home
     # The domain is the host's: the pod only reached libvirtd through /run/libvirt.
     domains = subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--name"],
