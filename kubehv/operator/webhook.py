@@ -167,6 +167,11 @@ class AdmissionServer:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                # One call per connection: the API server's kept-alive connection to the
+                # Service IP stays DNAT'd to this pod after its endpoint is removed, so a
+                # replica going away would reset the next admission call (seen on a real
+                # node). A new connection always follows the current endpoints.
+                self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
 
