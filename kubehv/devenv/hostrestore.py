@@ -15,8 +15,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import subprocess
 from pathlib import Path
+
+import psutil
 
 SYSCTLS = (
     "kernel/panic",
@@ -30,6 +34,9 @@ SYSCTLS = (
 )
 CHAIN_PREFIXES = ("KUBE-", "CNI-")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# The running node's record, outside its data dir: a session killed before its teardown
+# (kill -9, a CI timeout) leaves it behind, and the next node restores the host from it.
+LEFTOVER = Path("/run/kubehv-kubenode-host.json")
 KUBEPODS = "kubepods"
 
 
@@ -110,6 +117,29 @@ def unmount_under(directory: Path) -> None:
         _run("umount", "-l", point)
 
 
+def kill_leftover_processes(directory: Path, *, pods: bool) -> None:
+    """SIGKILL a dead node's pods (with ``pods``: every process in the kubepods cgroups, which
+    it created) and the processes whose command line names its data dir (containerd's shims
+    outlive their parent)."""
+    if not directory.is_absolute() or len(directory.parts) < 3:
+        return  # not a node's data dir: match nothing rather than too much
+    pids: set[int] = set()
+    for procs in CGROUP_ROOT.glob(f"*/{KUBEPODS}/**/cgroup.procs") if pods else []:
+        with contextlib.suppress(OSError, ValueError):
+            pids |= {int(p) for p in procs.read_text().split()}
+    marker = str(directory) + "/"
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in arg for arg in proc.info["cmdline"] or []):
+            pids.add(proc.pid)
+    pids.discard(os.getpid())
+    victims = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            victims.append(psutil.Process(pid))
+            os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=15)  # cgroups can only go once they are empty
+
+
 def remove_cgroups(name: str = KUBEPODS) -> None:
     """rmdir ``name`` (and every child, deepest first) in every cgroup hierarchy."""
     for top in [CGROUP_ROOT, *CGROUP_ROOT.iterdir()] if CGROUP_ROOT.is_dir() else []:
@@ -129,16 +159,35 @@ class HostState:
     sysctls: dict[str, str]
     bridge_existed: bool
     kubepods_existed: bool
+    directory: str = ""
 
     @classmethod
-    def record(cls, directory: Path) -> HostState:
+    def record(cls, directory: Path, bridge: str) -> HostState:
+        """Record the host (call with the node lock held); first undo a dead node's leftovers."""
+        cls.restore_leftover(bridge)
         state = cls(
             sysctls=read_sysctls(),
-            bridge_existed=_run("ip", "link", "show", "kubehv-br0").returncode == 0,
+            bridge_existed=_run("ip", "link", "show", bridge).returncode == 0,
             kubepods_existed=(CGROUP_ROOT / "memory" / KUBEPODS).is_dir(),
+            directory=str(directory),
         )
-        (directory / "host-state.json").write_text(json.dumps(dataclasses.asdict(state)))
+        text = json.dumps(dataclasses.asdict(state))
+        (directory / "host-state.json").write_text(text)
+        LEFTOVER.write_text(text)
         return state
+
+    @classmethod
+    def restore_leftover(cls, bridge: str) -> bool:
+        """Restore what a node that died without its teardown left; True if there was one."""
+        try:
+            state = cls(**json.loads(LEFTOVER.read_text()))
+        except (OSError, ValueError, TypeError):
+            return False
+        kill_leftover_processes(Path(state.directory), pods=not state.kubepods_existed)
+        state.restore(bridge, Path(state.directory))
+        if Path(state.directory).name.startswith("kubehv-node-"):  # a temporary data dir
+            shutil.rmtree(state.directory, ignore_errors=True)
+        return True
 
     def restore(self, bridge: str, directory: Path) -> None:
         unmount_under(directory)
@@ -152,5 +201,4 @@ class HostState:
             if now.get(key) != before:
                 with contextlib.suppress(OSError):
                     _sysctl_path(key).write_text(before + "\n")
-        with contextlib.suppress(OSError):
-            os.sync()
+        LEFTOVER.unlink(missing_ok=True)

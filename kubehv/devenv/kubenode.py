@@ -91,7 +91,7 @@ class KubeNode:
             bins = binaries.find()
             node_bins = binaries.find_node()
             self._step("binaries", began)
-            self._host = hostrestore.HostState.record(self.dir)
+            self._host = hostrestore.HostState.record(self.dir, BRIDGE)
             hostrestore.create_bridge(BRIDGE, f"{NODE_IP}/24")
             self._start_control_plane(bins)
             self._start_containerd(node_bins)

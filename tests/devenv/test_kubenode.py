@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -94,3 +95,34 @@ def test_node_start_and_stop_leave_the_host_as_found() -> None:
         node.stop()
     assert _host_state() == before
     assert str(node.dir) not in Path("/proc/self/mountinfo").read_text()
+
+
+_KILLED_NODE = """
+import sys, time
+from kubehv.devenv import kubenode
+node = kubenode.KubeNode().start()
+pod = ('{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"default"},'
+       '"spec":{"containers":[{"name":"p","image":"docker.io/library/kubehv-pause:3.10",'
+       '"imagePullPolicy":"Never"}]}}')
+node.kubectl("apply", "-f", "-", input=pod)
+node.kubectl("wait", "--for=condition=Ready", "pod/p", "--timeout=300s", timeout=330)
+print("READY", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_node_killed_before_its_teardown_is_cleaned_up_by_the_next() -> None:
+    _need_node_parts()
+    _wait_no_other_node()
+    before = _host_state()
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_NODE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY"
+    finally:
+        proc.kill()  # no teardown at all: the host keeps the node's changes
+        proc.wait(timeout=60)
+    assert _host_state() != before
+    assert hostrestore.HostState.restore_leftover(kubenode.BRIDGE)
+    assert _host_state() == before
+    assert not hostrestore.HostState.restore_leftover(kubenode.BRIDGE)  # nothing left
