@@ -137,7 +137,13 @@ class BaseHypervisor(abc.ABC):
         return ""
 
     def accept_instance(self, instance: values.InstanceSpec, info: str, target: str) -> None:
-        """Target side: prepare to receive ``instance`` at address ``target``."""
+        """Target side: prepare to receive ``instance`` at address ``target``.
+
+        Memory follows :func:`startup_memory`, the rule the controller schedules with: the
+        target accepts when the instance's *minimum* memory fits in its free memory, even if
+        its maximum does not (the source balloons the guest down before the transfer).
+        Raises :class:`errors.InsufficientMemory` only when the minimum does not fit.
+        """
 
     def migrate_instance(
         self,
@@ -150,21 +156,63 @@ class BaseHypervisor(abc.ABC):
 
         Raises :class:`errors.MigrationError` (or ``MigrationAborted``) on failure, in which
         case the instance still runs on the source.
+
+        The transfer belongs to the hypervisor, not to the calling thread: if the caller
+        dies (agent killed, driver object dropped, connection closed) the hypervisor's job
+        goes on to success or failure on its own, as libvirtd's does. Its outcome is then
+        read with :meth:`get_migration_status` from any driver object.
         """
         raise errors.NotSupported(f"the {self.NAME} hypervisor cannot migrate instances")
 
-    def get_migration_status(self, instance: values.InstanceSpec) -> values.MigrationStatus:
-        """Source side: progress of the current migration (Ganeti ``GetMigrationStatus``)."""
+    def get_migration_status(
+        self, instance: values.InstanceSpec, target: values.MigrationTarget | None = None
+    ) -> values.MigrationStatus:
+        """Source side: where the instance's migration stands (Ganeti ``GetMigrationStatus``).
+
+        Read from the hypervisor, never from this object's memory: a driver object created
+        after an agent restart answers exactly like the one whose ``migrate_instance`` call
+        started the transfer. States:
+
+        * ``ACTIVE``: the hypervisor's migration job for the instance runs (memory total,
+          processed, remaining in bytes), or this process has just called
+          ``migrate_instance`` and the job has not shown up yet (figures may be 0).
+        * ``COMPLETED``: the instance has left this node because of the migration (libvirt:
+          the domain is gone, or shut off with reason *migrated*). A hypervisor cannot
+          always tell *why* a domain left (a transient libvirt domain simply vanishes), so
+          pass ``target``: the driver then looks on the target too and answers
+          ``COMPLETED`` only if the instance is there (running, or arrived paused), and
+          ``FAILED`` ("on neither node") if it is not.
+        * ``FAILED`` / ``CANCELLED``: the instance still runs here and no migration job does;
+          ``message`` says why (the job's error, an abort, or that no job exists).
+
+        Never raises for "no migration known"; raises :class:`errors.HypervisorUnavailable`
+        when the hypervisor cannot be asked.
+        """
         raise errors.NotSupported(f"the {self.NAME} hypervisor cannot migrate instances")
 
     def abort_migration(self, instance: values.InstanceSpec) -> None:
-        """Source side: cancel a running migration; the instance stays on the source."""
+        """Source side: ask the hypervisor to cancel the instance's migration job.
+
+        Never raises because there is no job (it never started, already completed or
+        already failed): an abort can always race the end of the transfer. So the caller
+        must NOT assume the abort won: it re-reads :meth:`get_migration_status` afterwards,
+        and the outcome may be ``COMPLETED`` (the instance is on the target, exactly once)
+        as well as ``CANCELLED`` (it runs on the source only).
+        """
         raise errors.NotSupported(f"the {self.NAME} hypervisor cannot abort migrations")
 
     def finalize_migration_dst(
         self, instance: values.InstanceSpec, info: str, success: bool
     ) -> None:
-        """Target side, last step: keep the instance (success) or undo the preparation."""
+        """Target side, last step: keep the instance (success) or undo the preparation.
+
+        With ``success=False`` it destroys only a copy that is still *incoming* (paused,
+        never resumed: the transfer has not finished, so the source copy still exists).
+        A copy that runs here (the migration completed and the hypervisor resumed it) or
+        that arrived paused after a completed transfer is the only copy: it is left alone
+        and :class:`errors.MigrationCompleted` is raised, so the caller finishes the
+        migration as succeeded instead. No copy here: nothing to do.
+        """
 
     def finalize_migration_source(
         self, instance: values.InstanceSpec, success: bool, live: bool

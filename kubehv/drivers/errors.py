@@ -98,6 +98,27 @@ class MigrationAborted(MigrationError):
     reason = "MigrationAborted"
 
 
+class MigrationCompleted(MigrationError):
+    """The target was asked to undo a migration that has already finished.
+
+    Raised by ``finalize_migration_dst(success=False)`` when the copy on the target runs
+    (the hypervisor resumed it, or it arrived and the migration job completed): the source
+    copy is gone, so this one is the only copy and must not be destroyed. The caller treats
+    the migration as succeeded (finalize with ``success=True``), never as failed.
+    """
+
+    reason = "MigrationCompleted"
+
+    def __init__(self, name: str, node: str = "") -> None:
+        where = f" on node {node}" if node else " on this node"
+        super().__init__(
+            f"the migration of {name!r} has already completed: the instance runs{where} and "
+            "this is its only copy, so it was not destroyed; finish the migration as "
+            "succeeded (finalize with success=True) instead of undoing it"
+        )
+        self.name = name
+
+
 class NotSupported(HypervisorError):
     reason = "NotSupported"
 

@@ -1,11 +1,12 @@
-"""The node agent: one process per node, reconciling that node's VirtualInstances.
+"""The node agent: one process per node, owning that node's instances.
 
-Why this module exists: it wires the plain-function modules into kopf and runs them.
-kopf watches only this node's VirtualInstances (server-side field selector
-``status.nodeName=<node>``) through event handlers, so kopf itself writes nothing on the
-objects (no annotations, no kopf finalizer): the agent's own finalizer and status patches
-are the only writes. Timers: the heartbeat (NodeHypervisor status) and the watcher
-(drift). The migration and drain modules register their handlers on the same registry.
+Why this module exists: it wires the owner (:mod:`owner`) into kopf and runs it. kopf
+watches only this node's VirtualInstances (server-side field selector
+``status.nodeName=<node>``) and the Migrations that name this node, through event handlers,
+so kopf itself writes nothing on the objects (no annotations, no kopf finalizer): the
+agent's own finalizer and status patches are the only writes. Events only poke the owner
+of an instance; timers: the heartbeat (NodeHypervisor status) and the watcher (drift,
+recovery after a restart, drain).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import kopf
 
+from kubehv import api
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
-from kubehv.operator import context, drain, k8s, metrics, migration_agent, node_status
-from kubehv.operator import instances as instances_mod
+from kubehv.operator import context, k8s, metrics, node_status
+from kubehv.operator import owner as owner_mod
 from kubehv.operator import settings as opsettings
 
 log = logging.getLogger(__name__)
@@ -30,18 +32,17 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
     """Connect to the API, make sure this node's NodeHypervisor exists, create the driver."""
     api_client = k8s.load_api_client(cfg.kubeconfig)
     kube = k8s.Kube(api_client)
-    body = node_status.nhv_body(
+    wanted = node_status.nhv_body(
         cfg.node_name, cfg.hypervisor, cfg.advertise_uri or cfg.connection_uri,
         cfg.migration_address,
     )  # fmt: skip
-    nhv = node_status.ensure_node(kube, body)
-    spec = nhv.get("spec") or {}
+    spec = node_status.ensure_node(kube, wanted).spec
     # The NodeHypervisor's spec wins over flags: it is what the cluster says this node is.
     # With an advertised URI apart, the agent itself keeps its local connection URI.
-    cfg.hypervisor = str(spec.get("hypervisor") or cfg.hypervisor)
+    cfg.hypervisor = spec.hypervisor or cfg.hypervisor
     if not cfg.advertise_uri:
-        cfg.connection_uri = spec.get("connectionURI") or cfg.connection_uri
-    cfg.migration_address = spec.get("migrationAddress") or cfg.migration_address
+        cfg.connection_uri = spec.connection_uri or cfg.connection_uri
+    cfg.migration_address = spec.migration_address or cfg.migration_address
     driver = driver_registry.create_driver(
         cfg.hypervisor,
         values.DriverConfig(
@@ -56,24 +57,35 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
         api_client=api_client,
         kube=kube,
         driver=driver,
-        node_defaults=dict(spec.get("defaultParameters") or {}),
+        node_defaults=dict(spec.default_parameters),
     )
 
 
-def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> None:
-    reconciler = instances_mod.Reconciler(ctx)
-    publisher = node_status.Publisher(ctx)
+def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> owner_mod.Owner:
+    """Wire the owner of this node's instances into kopf: events poke it, timers run."""
+    owner = owner_mod.Owner(ctx)
+    publisher = node_status.Publisher(ctx, owner.known_instances)
+    node = ctx.node_name
 
     @kopf.on.event(k8s.GROUP, k8s.VI_PLURAL, registry=registry, id="instance")
     async def on_instance(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        await reconciler.on_event(event.get("type"), dict(body))
+        await owner.on_instance_event(event.get("type"), dict(body))
+
+    def involved(status: kopf.Status, **_: Any) -> bool:
+        """kopf's filter (before parsing): this node has a role in the Migration."""
+        roles = api.MigrationStatus.model_validate(dict(status))
+        return node in (roles.source_node, roles.target_node)
+
+    @kopf.on.event(k8s.GROUP, k8s.MIG_PLURAL, registry=registry, when=involved, id="migration")
+    async def on_migration(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        await owner.on_migration_event(event.get("type"), dict(body))
 
     tasks: list[asyncio.Task[None]] = []
 
     @kopf.on.startup(registry=registry, id="agent-timers")
     async def start_timers(**_: Any) -> None:
         tasks.append(asyncio.create_task(publisher.run_forever(), name="heartbeat"))
-        tasks.append(asyncio.create_task(_watcher(ctx, reconciler), name="watcher"))
+        tasks.append(asyncio.create_task(_watcher(ctx, owner), name="watcher"))
 
     @kopf.on.cleanup(registry=registry, id="agent-timers-stop")
     async def stop_timers(**_: Any) -> None:
@@ -82,27 +94,26 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> None
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await owner.stop()
 
     @kopf.on.probe(registry=registry, id="node")
     def probe(**_: Any) -> str:
         return ctx.node_name
 
+    return owner
 
-async def _watcher(ctx: context.AgentContext, reconciler: instances_mod.Reconciler) -> None:
+
+async def _watcher(ctx: context.AgentContext, owner: owner_mod.Owner) -> None:
+    """Ganeti's watcher: a returning agent looks at everything first (recovery), then
+    compares with the hypervisor every resync interval."""
     while True:
-        await asyncio.sleep(ctx.settings.resync_interval_s)
         try:
-            await reconciler.resync()
+            await owner.resync()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("watcher pass failed; will try again")
-
-
-def _register_others(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> None:
-    """The migration and drain agents (owned by the migration engineer)."""
-    migration_agent.register(registry, ctx)
-    drain.register_agent(registry, ctx)
+        await asyncio.sleep(ctx.settings.resync_interval_s)
 
 
 def run(cfg: opsettings.AgentSettings) -> int:
@@ -111,7 +122,6 @@ def run(cfg: opsettings.AgentSettings) -> int:
     registry = kopf.OperatorRegistry()
     opsettings.register_login(registry)
     register(registry, ctx)
-    _register_others(registry, ctx)
 
     @kopf.on.startup(registry=registry, id="agent-settings")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import dataclasses
 import datetime
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
+import pydantic
 
+from kubehv import api
+from kubehv.api import constants
+from kubehv.api import virtualinstance as vim
 from kubehv.operator import (
     context,
     drain,
@@ -42,26 +45,40 @@ from kubehv.operator import status as st
 log = logging.getLogger(__name__)
 
 
+Obj = TypeVar("Obj", api.VirtualInstance, api.NodeHypervisor)
+
+
 class Controller:
     def __init__(self, ctx: context.ControllerContext) -> None:
         self.ctx = ctx
         self.kube = ctx.kube
-        self.nodes: dict[str, dict[str, Any]] = {}
-        self.vis: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, api.NodeHypervisor] = {}
+        self.vis: dict[str, api.VirtualInstance] = {}
         self.lock = asyncio.Lock()
 
-    # --- caches --------------------------------------------------------------------------
+    # --- caches (objects parsed once, where they arrive) ---------------------------------
 
-    def remember(self, cache: dict[str, dict[str, Any]], event_type: str | None, body: Any) -> None:
-        meta = body.get("metadata") or {}
-        key = str(meta.get("uid", ""))
+    def remember(
+        self,
+        cache: dict[str, Obj],
+        kind: type[Obj],
+        event_type: str | None,
+        body: Mapping[str, Any],
+    ) -> Obj | None:
+        try:
+            obj = kind.model_validate(body)
+        except pydantic.ValidationError as exc:
+            log.warning("cannot read a %s (%s); ignoring it", kind.KIND, exc)
+            return None
+        key = obj.metadata.uid or ""
         if event_type == "DELETED":
             cache.pop(key, None)
-            return
+            return None
         old = cache.get(key)
-        if old is not None and _rv(old) > _rv(body):
-            return
-        cache[key] = dict(body)
+        if old is not None and _rv(old) > _rv(obj):
+            return old
+        cache[key] = obj
+        return obj
 
     def assigned(self) -> list[placement.Assigned]:
         out = []
@@ -70,6 +87,13 @@ class Controller:
             if a is not None:
                 out.append(a)
         return out
+
+    def silent_nodes(self) -> set[str]:
+        now = datetime.datetime.now(datetime.UTC)
+        grace = self.ctx.settings.heartbeat_grace_s
+        return {
+            n.metadata.name or "" for n in self.nodes.values() if heartbeat.is_stale(n, now, grace)
+        }
 
     # --- placement -----------------------------------------------------------------------
 
@@ -81,24 +105,21 @@ class Controller:
             with metrics.timed_reconcile("Placement"):
                 await self._place(vi)
 
-    async def _place(self, vi: dict[str, Any]) -> None:
-        nodes = [placement.NodeView.of(n) for n in self.nodes.values()]
-        now = datetime.datetime.now(datetime.UTC)
-        grace = self.ctx.settings.heartbeat_grace_s
-        nodes = [
-            n if not heartbeat.is_stale(n, now, grace) else _not_ready(n, "HeartbeatLost")
-            for n in nodes
-        ]
-        decision = placement.choose(placement.Request.of(vi), nodes, self.assigned())
-        current = vi.get("status") or {}
-        gen = int((vi.get("metadata") or {}).get("generation") or 0)
+    async def _place(self, vi: api.VirtualInstance) -> None:
+        decision = placement.choose(
+            placement.Request.of(vi),
+            list(self.nodes.values()),
+            self.assigned(),
+            self.silent_nodes(),
+        )
+        gen = vi.metadata.generation or 0
         if decision.node is None:
-            cond = st.Condition("Scheduled", False, "NoNodeFits", decision.message)
+            cond = st.Condition(constants.COND_SCHEDULED, False, "NoNodeFits", decision.message)
             desired = {
-                "phase": "Pending",
-                "conditions": st.merge_conditions(current.get("conditions") or [], [cond], gen),
+                "phase": vim.Phase.PENDING.value,
+                "conditions": st.merge_model_conditions(vi.status.conditions, [cond], gen),
             }
-            patch = st.changed_fields(current, desired)
+            patch = st.changed_fields(_status(vi), desired)
             if patch:
                 await self._patch_vi(vi, patch)
                 await events.apost(
@@ -110,82 +131,96 @@ class Controller:
                     component="kubehv-controller",
                 )
             return
-        cond = st.Condition("Scheduled", True, "Scheduled", decision.message)
+        cond = st.Condition(constants.COND_SCHEDULED, True, "Scheduled", decision.message)
         patch = {
             "nodeName": decision.node,
-            "phase": "Scheduled",
-            "conditions": st.merge_conditions(current.get("conditions") or [], [cond], gen),
+            "phase": vim.Phase.SCHEDULED.value,
+            "conditions": st.merge_model_conditions(vi.status.conditions, [cond], gen),
         }
         await self._patch_vi(vi, patch)
         await events.apost(
             self.kube, vi, "Scheduled", decision.message, component="kubehv-controller"
         )
 
-    async def _patch_vi(self, vi: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
-        meta = vi.get("metadata") or {}
+    async def _patch_vi(self, vi: api.VirtualInstance, patch: Mapping[str, Any]) -> None:
+        """A status write guarded by the resourceVersion ``vi`` was read at: a hand-off
+        (placement, Unknown) must lose to any newer write, never overwrite it."""
+        meta = vi.metadata
         try:
             result = await k8s.call(
-                self.kube.patch_vi_status, meta.get("namespace"), meta.get("name"), patch
+                self.kube.patch_vi_status,
+                meta.namespace or "",
+                meta.name or "",
+                patch,
+                meta.resource_version,
             )
-        except Exception as exc:
-            if k8s.is_status(exc, 404):
-                return
-            raise
-        self.remember(self.vis, "MODIFIED", result)
+        except (k8s.NotFound, k8s.Conflict):
+            return  # gone, or changed meanwhile: the watch brings the newer object
+        self.remember(self.vis, api.VirtualInstance, "MODIFIED", result)
 
     # --- timers --------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Retry waiting placements; mark silent nodes and their instances."""
+        """Retry waiting placements; mark silent nodes and their instances.
+
+        One object's failure is logged and skipped: the others still get their turn."""
         for uid, vi in list(self.vis.items()):
             if _unplaced(vi):
-                await self.place(uid)
+                try:
+                    await self.place(uid)
+                except Exception:
+                    log.exception("placement of %s failed; will retry", uid)
+        for node in list(self.nodes.values()):
+            try:
+                await self._check_heartbeat(node)
+            except Exception:
+                log.exception("heartbeat check of node %s failed; will retry", node.metadata.name)
+
+    async def _check_heartbeat(self, node: api.NodeHypervisor) -> None:
         now = datetime.datetime.now(datetime.UTC)
         grace = self.ctx.settings.heartbeat_grace_s
-        for nhv in list(self.nodes.values()):
-            node = placement.NodeView.of(nhv)
-            if not heartbeat.is_stale(node, now, grace):
+        name = node.metadata.name or ""
+        if not heartbeat.is_stale(node, now, grace):
+            return
+        patch = heartbeat.node_status_patch(node, now, grace)
+        if patch:
+            log.warning("node %s: heartbeat lost", name)
+            result = await k8s.call(self.kube.patch_node_status, name, patch)
+            self.remember(self.nodes, api.NodeHypervisor, "MODIFIED", result)
+            await events.apost(
+                self.kube,
+                node,
+                heartbeat.REASON_NODE,
+                f"no heartbeat from node {name}; its instances are Unknown",
+                type_=events.WARNING,
+                component="kubehv-controller",
+            )
+        for vi in list(self.vis.values()):
+            if vi.status.node_name != name:
                 continue
-            patch = heartbeat.node_status_patch(nhv, now, grace)
-            if patch:
-                log.warning("node %s: heartbeat lost", node.name)
-                result = await k8s.call(self.kube.patch_nhv_status, node.name, patch)
-                self.remember(self.nodes, "MODIFIED", result)
-                await events.apost(
-                    self.kube,
-                    nhv,
-                    heartbeat.REASON_NODE,
-                    f"no heartbeat from node {node.name}; its instances are Unknown",
-                    type_=events.WARNING,
-                    component="kubehv-controller",
-                )
-            for vi in list(self.vis.values()):
-                if (vi.get("status") or {}).get("nodeName") != node.name:
-                    continue
-                vpatch = heartbeat.instance_status_patch(vi, node.name)
-                if vpatch:
-                    await self._patch_vi(vi, vpatch)
+            vpatch = heartbeat.instance_status_patch(vi, name)
+            if vpatch:
+                await self._patch_vi(vi, vpatch)
 
     def count_phases(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for vi in self.vis.values():
-            phase = (vi.get("status") or {}).get("phase") or "Pending"
+            phase = vi.status.phase.value if vi.status.phase else vim.Phase.PENDING.value
             counts[phase] = counts.get(phase, 0) + 1
         return counts
 
 
-def _unplaced(vi: Mapping[str, Any]) -> bool:
-    meta = vi.get("metadata") or {}
-    return not meta.get("deletionTimestamp") and not (vi.get("status") or {}).get("nodeName")
+def _status(vi: api.VirtualInstance) -> dict[str, Any]:
+    return vi.status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _not_ready(node: placement.NodeView, reason: str) -> placement.NodeView:
-    return dataclasses.replace(node, ready=False, ready_reason=reason)
+def _unplaced(vi: api.VirtualInstance) -> bool:
+    return not vi.metadata.deletion_timestamp and not vi.status.node_name
 
 
-def _rv(body: Mapping[str, Any]) -> int:
+def _rv(obj: api.VirtualInstance | api.NodeHypervisor) -> int:
     try:
-        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+        return int(obj.metadata.resource_version or 0)
     except ValueError:
         return 0
 
@@ -195,14 +230,13 @@ def register(registry: kopf.OperatorRegistry, ctx: context.ControllerContext) ->
 
     @kopf.on.event(k8s.GROUP, k8s.NHV_PLURAL, registry=registry, id="node-cache")
     async def on_node(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        ctl.remember(ctl.nodes, event.get("type"), body)
+        ctl.remember(ctl.nodes, api.NodeHypervisor, event.get("type"), body)
 
     @kopf.on.event(k8s.GROUP, k8s.VI_PLURAL, registry=registry, id="placement")
     async def on_instance(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        ctl.remember(ctl.vis, event.get("type"), body)
-        uid = str(body.get("metadata", {}).get("uid", ""))
-        if event.get("type") != "DELETED" and _unplaced(body):
-            await ctl.place(uid)
+        vi = ctl.remember(ctl.vis, api.VirtualInstance, event.get("type"), body)
+        if vi is not None and _unplaced(vi):
+            await ctl.place(vi.metadata.uid or "")
 
     tasks: list[asyncio.Task[None]] = []
 

@@ -7,8 +7,12 @@ Migration protocol (limits, version checks, failure handling, abort) is the only
 * ``LiveMigrate`` -> a live Migration, ``Migrate`` -> a non-live Migration, created by the
   controller with a deterministic name (``drain-<instance>``) and the label
   ``kubehv.io/drain=<node>``; the controller's parallel limits queue them.
-* ``Stop`` -> the node's own agent stops the VM (only it can), marks the instance Evicted;
-  the controller then clears ``status.nodeName`` so placement starts it cold elsewhere.
+* ``Stop`` -> the owner of the instance on the node stops the VM (only it can), after
+  marking the instance Evicted; the controller then clears ``status.nodeName`` so placement
+  starts it cold elsewhere.
+* an instance that runs nowhere (Stopped, Failed, Evicted) needs no migration whatever its
+  policy: the controller clears ``status.nodeName`` (guarded by resourceVersion) and
+  placement re-places it (a Stopped one stays stopped on its new node).
 
 Progress is the NodeHypervisor condition ``Drained`` (False with what is left, then True).
 """
@@ -16,6 +20,7 @@ Progress is the NodeHypervisor condition ``Drained`` (False with what is left, t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -23,14 +28,18 @@ from typing import Any
 
 import kopf
 
+from kubehv import api
+from kubehv.api import conditions, constants
+from kubehv.operator import k8s, status
 from kubehv.operator import migration_logic as ml
-from kubehv.operator import migration_spec, migration_store
+from kubehv.operator import migration_scheduling as sched
 
 log = logging.getLogger(__name__)
 
 COND_DRAINED = "Drained"
 PHASE_EVICTED = "Evicted"
-STOP_TIMEOUT_S = 30.0
+NOT_RUNNING = frozenset({PHASE_EVICTED, "Stopped", "Failed"})
+"""Phases in which no guest runs on the node: the instance is re-placed, not migrated."""
 RESYNC_INTERVAL_S = 3.0
 
 
@@ -39,7 +48,7 @@ def drain_migration_name(instance: str, node: str) -> str:
     return f"drain-{instance[:50]}-{digest}"
 
 
-def drain_migration(instance: ml.InstanceView, node: str) -> dict[str, Any]:
+def drain_migration(instance: sched.InstanceFacts, node: str) -> dict[str, Any]:
     """The Migration that evicts ``instance`` from ``node`` (policy LiveMigrate or Migrate)."""
     return {
         "apiVersion": f"{ml.GROUP}/{ml.VERSION}",
@@ -57,24 +66,28 @@ def drain_migration(instance: ml.InstanceView, node: str) -> dict[str, Any]:
 
 
 def plan(
-    node: str, instances: Sequence[ml.InstanceView], migrations: Sequence[ml.MigrationView]
-) -> tuple[list[ml.InstanceView], list[ml.InstanceView], str]:
+    node: str, instances: Sequence[sched.InstanceFacts], migrations: Sequence[ml.MigrationView]
+) -> tuple[list[sched.InstanceFacts], list[sched.InstanceFacts], str]:
     """(instances needing a Migration, Evicted instances to re-place, Drained message)."""
     on_node = [i for i in instances if i.node_name == node]
     busy = {(m.namespace, m.instance) for m in migrations if m.occupies_instance}
-    to_migrate: list[ml.InstanceView] = []
-    to_replace: list[ml.InstanceView] = []
+    to_migrate: list[sched.InstanceFacts] = []
+    to_replace: list[sched.InstanceFacts] = []
     waiting_stop: list[str] = []
+    pinned: list[str] = []
     failed: list[str] = []
     by_name = {(m.namespace, m.name): m for m in migrations}
     for inst in on_node:
-        if inst.eviction_policy == "Stop":
-            if inst.phase in (PHASE_EVICTED, "Stopped"):
-                to_replace.append(inst)
-            else:
-                waiting_stop.append(inst.name)
-            continue
         if (inst.namespace, inst.name) in busy:
+            continue
+        if inst.phase in NOT_RUNNING:
+            to_replace.append(inst)  # nothing runs: no migration needed, place it elsewhere
+            continue
+        if inst.eviction_policy == "Stop":
+            waiting_stop.append(inst.name)
+            continue
+        if inst.pin == node:
+            pinned.append(inst.name)  # a Migration could only fail: say what it waits for
             continue
         existing = by_name.get((inst.namespace, drain_migration_name(inst.name, node)))
         if existing is not None and existing.phase in ml.UNSUCCESSFUL:
@@ -86,6 +99,10 @@ def plan(
     parts = [f"{len(on_node)} instance(s) left on {node}"]
     if waiting_stop:
         parts.append("stopping: " + ", ".join(sorted(waiting_stop)))
+    if pinned:
+        parts.append(
+            f"pinned to {node} by spec.nodeName (unpin or stop them): " + ", ".join(sorted(pinned))
+        )
     if failed:
         parts.append("migration failed: " + "; ".join(sorted(failed)))
     return to_migrate, to_replace, "; ".join(parts)
@@ -93,128 +110,101 @@ def plan(
 
 class DrainController:
     def __init__(self, ctx: Any) -> None:
-        self.store = migration_store.Store(ctx.api_client)
+        self.store = k8s.Kube(ctx.api_client)
 
     async def reconcile_node(self, body: Mapping[str, Any]) -> None:
-        node = ml.NodeView.from_body(body)
-        status = body.get("status") or {}
-        conds = {c.get("type"): c for c in status.get("conditions") or []}
+        model = api.NodeHypervisor.model_validate(body)
+        node = sched.NodeFacts.of(model)
         if not node.drain:
-            if COND_DRAINED in conds:
-                await self._set_drained(node.name, status, None)
+            if conditions.get_condition(model.status.conditions, COND_DRAINED) is not None:
+                await self._set_drained(model, None)
             return
         instances = [
-            ml.InstanceView.from_body(b)
-            for b in await migration_store.call(
-                self.store.list_instances, f"status.nodeName={node.name}"
+            api.VirtualInstance.model_validate(b)
+            for b in await k8s.call(
+                self.store.list_instances, f"{constants.FIELD_VI_NODE}={node.name}"
             )
         ]
         migrations = [
-            ml.MigrationView.from_body(b)
-            for b in await migration_store.call(self.store.list_migrations)
+            ml.MigrationView.from_body(b) for b in await k8s.call(self.store.list_migrations)
         ]
-        to_migrate, to_replace, message = plan(node.name, instances, migrations)
+        to_migrate, to_replace, message = plan(
+            node.name, [sched.InstanceFacts.of(i) for i in instances], migrations
+        )
         for inst in to_migrate:
             try:
-                await migration_store.call(
+                await k8s.call(
                     self.store.create_migration, inst.namespace, drain_migration(inst, node.name)
                 )
                 log.info("drain %s: created Migration for %s", node.name, inst.name)
-            except migration_store.Conflict:
+            except k8s.Conflict:
                 pass  # exists already
             except Exception as exc:  # e.g. 403 in a terminating namespace: the others still count
                 log.warning(
                     "drain %s: cannot create Migration for %s: %s", node.name, inst.name, exc
                 )
         for inst in to_replace:
-            vi = await migration_store.call(self.store.get_instance, inst.namespace, inst.name)
-            if vi is None or (vi.get("status") or {}).get("nodeName") != node.name:
-                continue
-            cond = ml.condition("Evicted", True, "NodeDrained", f"stopped on {node.name}")
-            new = {
-                "nodeName": None,
-                "phase": "Pending",
-                "conditions": ml.merged_conditions(
-                    (vi.get("status") or {}).get("conditions") or [], [cond]
-                ),
-            }
             try:
-                await migration_store.call(self.store.patch_instance_status, vi, new)
-            except migration_store.Conflict:
-                continue
-        await self._set_drained(node.name, status, message)
+                await self._replace(inst, node.name)
+            except Exception as exc:  # one instance must not stop the others
+                log.warning("drain %s: cannot re-place %s: %s", node.name, inst.name, exc)
+        await self._set_drained(model, message)
 
-    async def _set_drained(self, node: str, status: Mapping[str, Any], message: str | None) -> None:
+    async def _replace(self, inst: sched.InstanceFacts, node: str) -> None:
+        """Clear ``status.nodeName`` of an instance that runs nowhere (guarded), so that
+        placement puts it on another node."""
+        body = await k8s.call(self.store.get_instance, inst.namespace, inst.name)
+        if body is None:
+            return
+        vi = api.VirtualInstance.model_validate(body)
+        phase = vi.status.phase.value if vi.status.phase else ""
+        if vi.status.node_name != node or phase not in NOT_RUNNING:
+            return  # moved or started meanwhile: the next pass looks again
+        cond = status.Condition("Evicted", True, "NodeDrained", f"stopped on {node}")
+        new = {
+            "nodeName": None,
+            "phase": "Pending",
+            "conditions": status.merge_model_conditions(vi.status.conditions, [cond]),
+        }
+        with contextlib.suppress(k8s.Conflict):
+            await k8s.call(self.store.patch_instance_status, vi, new)
+
+    async def _set_drained(self, node: api.NodeHypervisor, message: str | None) -> None:
         """message None: not draining (condition removed); "" drained; else what is left."""
-        existing = [c for c in status.get("conditions") or [] if isinstance(c, Mapping)]
-        current = next((c for c in existing if c.get("type") == COND_DRAINED), None)
+        existing = node.status.conditions
+        current = conditions.get_condition(existing, COND_DRAINED)
         if message is None:
-            conds = [dict(c) for c in existing if c.get("type") != COND_DRAINED]
+            kept = [c for c in existing if c.type != COND_DRAINED]
+            conds = [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in kept]
         else:
             done = message == ""
-            cond = ml.condition(
-                COND_DRAINED,
-                done,
-                "Drained" if done else "Draining",
-                "no instances left" if done else message,
-            )
+            text = "no instances left" if done else message
             if (
                 current is not None
-                and current.get("status") == cond["status"]
-                and current.get("message") == cond["message"]
+                and (current.status is conditions.ConditionStatus.TRUE) == done
+                and current.message == text
             ):
                 return
-            conds = ml.merged_conditions(existing, [cond])
-        await migration_store.call(self.store.patch_node_status, node, {"conditions": conds})
+            cond = status.Condition(COND_DRAINED, done, "Drained" if done else "Draining", text)
+            conds = status.merge_model_conditions(existing, [cond])
+        await k8s.call(
+            self.store.patch_node_status, node.metadata.name or "", {"conditions": conds}
+        )
 
     async def resync(self) -> None:
         try:
-            nodes = await migration_store.call(self.store.list_nodes)
+            nodes = [
+                api.NodeHypervisor.model_validate(n) for n in await k8s.call(self.store.list_nodes)
+            ]
         except Exception as exc:
             log.warning("cannot list nodes: %s", exc)
             return
         for node in nodes:
-            if (node.get("spec") or {}).get("drain"):
+            if node.spec.drain:
                 try:
-                    await self.reconcile_node(node)
+                    await self.reconcile_node(node.to_dict())
                 except Exception:
-                    log.exception("drain of %s failed; will retry", node)
-
-
-class DrainAgent:
-    """The node's part: stop instances with evictionPolicy Stop while the node drains."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.store = migration_store.Store(ctx.api_client)
-
-    async def reconcile(self) -> None:
-        node = await migration_store.call(self.store.get_node, self.ctx.node_name)
-        if node is None or not (node.get("spec") or {}).get("drain"):
-            return
-        items = await migration_store.call(
-            self.store.list_instances, f"status.nodeName={self.ctx.node_name}"
-        )
-        for vi in items:
-            inst = ml.InstanceView.from_body(vi)
-            if inst.eviction_policy != "Stop" or inst.phase in (PHASE_EVICTED, "Stopped"):
-                continue
-            spec = migration_spec.instance_spec(vi)
-            await migration_store.call(self.ctx.driver.shutdown_instance, spec, STOP_TIMEOUT_S)
-            try:
-                await migration_store.call(self.ctx.driver.cleanup_instance, spec.name)
-            except Exception as exc:
-                log.warning("cleanup of %s after eviction: %s", spec.name, exc)
-            cond = ml.condition("Evicted", True, "NodeDrained", f"stopped: {self.ctx.node_name}")
-            status = vi.get("status") or {}
-            new = {
-                "phase": PHASE_EVICTED,
-                "conditions": ml.merged_conditions(status.get("conditions") or [], [cond]),
-            }
-            try:
-                await migration_store.call(self.store.patch_instance_status, vi, new)
-            except migration_store.Conflict:
-                continue
+                    log.exception("drain of %s failed; will retry", node.metadata.name)
 
 
 def register(registry: kopf.OperatorRegistry, ctx: Any) -> None:
@@ -226,12 +216,6 @@ def register(registry: kopf.OperatorRegistry, ctx: Any) -> None:
         await drain.reconcile_node(dict(body))
 
     _periodic(registry, "drain-controller", drain.resync)
-
-
-def register_agent(registry: kopf.OperatorRegistry, ctx: Any) -> None:
-    """Agent side: stop the Stop-policy instances of this node while it drains."""
-    agent = DrainAgent(ctx)
-    _periodic(registry, "drain-agent", agent.reconcile)
 
 
 def _periodic(registry: kopf.OperatorRegistry, name: str, fn: Any) -> None:

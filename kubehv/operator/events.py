@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 import kubernetes
 
+from kubehv import api
 from kubehv.operator import k8s
 
 log = logging.getLogger(__name__)
@@ -27,30 +26,33 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+About = api.VirtualInstance | api.Migration | api.NodeHypervisor
+
+
 def post(
     kube: k8s.Kube,
-    body: Mapping[str, Any],
+    about: About,
     reason: str,
     message: str,
     *,
     type_: str = NORMAL,
     component: str = "kubehv",
 ) -> None:
-    """Create one Event about ``body`` (blocking; call through :func:`k8s.call`)."""
-    meta = body.get("metadata") or {}
-    namespace = meta.get("namespace") or "default"
+    """Create one Event about ``about`` (blocking; call through :func:`k8s.call`)."""
+    meta = about.metadata
+    namespace = meta.namespace or "default"
     now = _now()
     event = kubernetes.client.CoreV1Event(
         metadata=kubernetes.client.V1ObjectMeta(
-            generate_name=f"{meta.get('name', 'object')}.", namespace=namespace
+            generate_name=f"{meta.name or 'object'}.", namespace=namespace
         ),
         involved_object=kubernetes.client.V1ObjectReference(
-            api_version=body.get("apiVersion") or f"{k8s.GROUP}/{k8s.VERSION}",
-            kind=body.get("kind"),
-            name=meta.get("name"),
-            namespace=meta.get("namespace"),
-            uid=meta.get("uid"),
-            resource_version=meta.get("resourceVersion"),
+            api_version=about.api_version,
+            kind=about.kind,
+            name=meta.name,
+            namespace=meta.namespace,
+            uid=meta.uid,
+            resource_version=meta.resource_version,
         ),
         reason=reason,
         message=message[:1024],
@@ -62,18 +64,18 @@ def post(
         reporting_component=component,
     )
     try:
-        kube.core.create_namespaced_event(namespace, event)
+        kube.core.create_namespaced_event(namespace, event, _request_timeout=k8s.REQUEST_TIMEOUT)
     except Exception as exc:  # best effort: an Event must never break a reconcile
-        log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+        log.warning("could not post event %s on %s: %s", reason, meta.name, exc)
 
 
 async def apost(
     kube: k8s.Kube,
-    body: Mapping[str, Any],
+    about: About,
     reason: str,
     message: str,
     *,
     type_: str = NORMAL,
     component: str = "kubehv",
 ) -> None:
-    await k8s.call(post, kube, body, reason, message, type_=type_, component=component)
+    await k8s.call(post, kube, about, reason, message, type_=type_, component=component)

@@ -10,51 +10,73 @@ overwrites both from what it really sees. Pure functions; the controller does th
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
 from typing import Any
 
+from kubehv import api
+from kubehv.api import conditions, constants
+from kubehv.api import virtualinstance as vim
 from kubehv.operator import placement, status
 
 REASON_NODE = "NodeHeartbeatLost"
 REASON_INSTANCE = "NodeLost"
 
 
-def is_stale(node: placement.NodeView, now: datetime.datetime, grace_s: float) -> bool:
-    age = node.heartbeat_age_s(now)
+def is_stale(node: api.NodeHypervisor, now: datetime.datetime, grace_s: float) -> bool:
+    age = placement.heartbeat_age_s(node, now)
     return age is not None and age > grace_s
 
 
 def node_status_patch(
-    nhv: Mapping[str, Any], now: datetime.datetime, grace_s: float
+    node: api.NodeHypervisor, now: datetime.datetime, grace_s: float
 ) -> dict[str, Any]:
     """The NodeHypervisor status patch for a silent node ({} when already marked)."""
-    st = nhv.get("status") or {}
-    ready = status.condition(st, "Ready") or {}
-    if ready.get("status") == "Unknown" and ready.get("reason") == REASON_NODE:
+    st = node.status
+    ready = conditions.get_condition(st.conditions, constants.COND_READY)
+    if (
+        ready is not None
+        and ready.status is conditions.ConditionStatus.UNKNOWN
+        and ready.reason == REASON_NODE
+    ):
         return {}
-    age = int(placement.NodeView.of(nhv).heartbeat_age_s(now) or 0)
+    age = int(placement.heartbeat_age_s(node, now) or 0)
     cond = status.Condition(
-        "Ready",
+        constants.COND_READY,
         None,
         REASON_NODE,
         f"no heartbeat from the node agent for {age}s (grace {int(grace_s)}s); its instances "
         "are Unknown and will not be started elsewhere",
     )
-    return {"conditions": status.merge_conditions(st.get("conditions") or [], [cond])}
+    return {"conditions": status.merge_model_conditions(st.conditions, [cond])}
 
 
-def instance_status_patch(vi: Mapping[str, Any], node: str) -> dict[str, Any]:
+# Phases left alone: nothing was started yet (Pending, Scheduled), already said, nothing runs,
+# or the Migration owns the instance and says where it is (the source's silence is handled by
+# the migration's own deadline).
+_KEEP = frozenset(
+    {
+        None,
+        vim.Phase.PENDING,
+        vim.Phase.SCHEDULED,
+        vim.Phase.UNKNOWN,
+        vim.Phase.STOPPED,
+        vim.Phase.FAILED,
+        vim.Phase.MIGRATING,
+    }
+)
+
+
+def instance_status_patch(vi: api.VirtualInstance, node: str) -> dict[str, Any]:
     """The VirtualInstance status patch for an instance of a silent node ({} when marked)."""
-    st = vi.get("status") or {}
-    if st.get("phase") in ("Unknown", "Stopped", "Failed"):
+    st = vi.status
+    if st.phase in _KEEP:
         return {}
     cond = status.Condition(
-        "Ready",
+        constants.COND_READY,
         None,
         REASON_INSTANCE,
         f"node {node} stopped reporting; the instance may still run there",
     )
     return {
-        "phase": "Unknown",
-        "conditions": status.merge_conditions(st.get("conditions") or [], [cond]),
+        "phase": vim.Phase.UNKNOWN.value,
+        "conditions": status.merge_model_conditions(st.conditions, [cond]),
     }

@@ -1,218 +1,179 @@
-"""The agent's VirtualInstance reconciler: acts on :func:`instance_logic.decide`.
+"""The instance acts of the owner: start, stop, pause, reboot, balloon, evict, finalize.
 
-Why this module exists: it is the I/O half of the agent's instance handling. kopf events and
-the node-wide watcher loop (Ganeti's watcher) both call :meth:`Reconciler.reconcile`; a
-per-instance lock serialises them. Driver calls run in threads; status is written only when
-it changed. The VNC password goes from its Secret to a 0600 file in the state directory and
-nowhere else (not status, Events or logs).
+Why this module exists: it is the I/O half of the owner's instance decisions
+(:mod:`owner_logic`). The owner (:mod:`owner`) calls :meth:`InstanceActs.act` with one
+decided act, under its per-instance serialisation; driver calls run in threads, status is
+written only when it changed. The VNC password goes from its Secret to a 0600 file in the
+state directory and nowhere else (not status, Events or logs).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from kubehv import api
+from kubehv.api import virtualinstance as vim
 from kubehv.drivers import errors, values
 from kubehv.operator import context, events, instance_logic, k8s, metrics, status, translate
+from kubehv.operator import owner_logic as ol
 
 log = logging.getLogger(__name__)
-L = instance_logic
-Do = L.Do
-MAX_STEPS = 6
+IL = instance_logic
+Act = ol.Act
+
+REASON_EVICTED = "NodeDrained"
+CLAIM_BEFORE_START = frozenset(
+    {vim.Phase.STOPPED, vim.Phase.FAILED, vim.Phase.EVICTED, vim.Phase.PENDING}
+)
+"""Phases another writer may move the instance away from: a start claims them first."""
 
 
-class Reconciler:
-    def __init__(self, ctx: context.AgentContext) -> None:
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """The instance an act is about (the typed model, as last read)."""
+
+    vi: api.VirtualInstance
+
+    @property
+    def name(self) -> str:
+        """The hypervisor-level name."""
+        return ol.hypervisor_name(self.vi.metadata.namespace or "", self.vi.metadata.name or "")
+
+    @property
+    def namespace(self) -> str:
+        return self.vi.metadata.namespace or ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.vi.metadata.name}"
+
+
+class InstanceActs:
+    def __init__(
+        self, ctx: context.AgentContext, remember: Callable[[Mapping[str, Any]], None]
+    ) -> None:
         self.ctx = ctx
         self.kube = ctx.kube
         self.driver = ctx.driver
         self.policy = ctx.settings.policy
-        self.bodies: dict[str, dict[str, Any]] = {}
-        self.locks: dict[str, asyncio.Lock] = {}
-        self.history: dict[str, L.History] = {}
+        self.remember = remember
         self.last_error: dict[str, str] = {}
 
     # --- entry points --------------------------------------------------------------------
 
-    async def on_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        uid = str((body.get("metadata") or {}).get("uid", ""))
-        if event_type == "DELETED":
-            self.bodies.pop(uid, None)
-            self.history.pop(uid, None)
-            self.locks.pop(uid, None)
-            return
-        self._remember(body)
-        await self.reconcile(uid)
-
-    async def resync(self) -> None:
-        """The watcher: compare every known instance with the hypervisor, fix what drifted."""
-        try:
-            with metrics.timed_driver_call("get_all_instances_info"):
-                infos = await k8s.call(self.driver.get_all_instances_info)
-        except Exception as exc:
-            log.warning("watcher cannot list instances: %s", exc)
-            return
-        by_name = {i.name: i for i in infos}
-        now = time.time()
-        phases: dict[str, int] = {}
-        for uid, body in list(self.bodies.items()):
-            view = L.View.of(body)
-            phases[view.phase or "Pending"] = phases.get(view.phase or "Pending", 0) + 1
-            observed = L.Observed(by_name.get(view.name))
-            hist = self.history.setdefault(uid, L.History())
-            action = L.decide(view, observed, hist, now, self.policy)
-            stale = L.status_patch(view, L.desired_status(view, observed)) if observed.alive else {}
-            expected_alive = view.phase in (L.RUNNING, L.PAUSED) and not observed.alive
-            if action.do not in (Do.NOTHING, Do.WAIT) or expected_alive or _real(stale):
-                await self.reconcile(uid)
-        metrics.set_instance_phases(phases)
-
-    # --- one instance --------------------------------------------------------------------
-
-    def _remember(self, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata") or {}
-        uid = str(meta.get("uid", ""))
-        old = self.bodies.get(uid)
-        if old is not None and _rv(old) > _rv(body):
-            return  # we already hold a newer copy (our own patch response)
-        self.bodies[uid] = dict(body)
-
-    async def reconcile(self, uid: str) -> None:
-        lock = self.locks.setdefault(uid, asyncio.Lock())
-        async with lock:
-            with metrics.timed_reconcile("VirtualInstance"):
-                for _ in range(MAX_STEPS):
-                    body = self.bodies.get(uid)
-                    if body is None:
-                        return
-                    if not await self._step(uid, body):
-                        return
-
-    async def _observe(self, name: str) -> L.Observed:
+    async def observe(self, name: str) -> IL.Observed:
         with metrics.timed_driver_call("get_instance_info"):
-            return L.Observed(await k8s.call(self.driver.get_instance_info, name))
+            return IL.Observed(await k8s.call(self.driver.get_instance_info, name))
 
-    async def _step(self, uid: str, body: dict[str, Any]) -> bool:
-        """Do one action; True if another look is needed at once."""
-        view = L.View.of(body)
-        observed = await self._observe(view.name)
-        hist = self.history.setdefault(uid, L.History())
-        action = L.decide(view, observed, hist, time.time(), self.policy)
-        if action.do is Do.NOTHING or action.do is Do.WAIT:
-            if view.phase != "Migrating" and not view.deleting and view.has_finalizer:
-                failed = view.phase == "Failed" and not observed.alive
-                if (not failed and observed.info is not None) or view.run_state == L.STOPPED:
-                    await self._write(body, L.desired_status(view, observed))
-            return False
-        log.info("instance %s: %s", _key(body), action.do)
-        try:
-            return await self._act(uid, body, view, observed, hist, action)
-        except errors.HypervisorError as exc:
-            await self._failed_action(body, view, action, exc)
-            return False
+    async def refresh(self, subject: Subject, observed: IL.Observed) -> None:
+        """NOTHING/WAIT: keep the agent-owned status true to the hypervisor."""
+        vi = subject.vi
+        st = vi.status
+        if (
+            st.phase is vim.Phase.MIGRATING
+            or ol.deleting(vi)
+            or not ol.has_finalizer(vi)
+            or (st.phase in (vim.Phase.EVICTED, vim.Phase.UNKNOWN) and observed.info is None)
+        ):
+            return
+        failed = st.phase is vim.Phase.FAILED and not observed.alive
+        if (not failed and observed.info is not None) or vi.spec.run_state.value == IL.STOPPED:
+            await self.write(subject, IL.desired_status(vi, observed))
 
-    async def _act(  # noqa: PLR0917
-        self,
-        uid: str,
-        body: dict[str, Any],
-        view: L.View,
-        observed: L.Observed,
-        hist: L.History,
-        action: L.Action,
+    async def act(
+        self, subject: Subject, observed: IL.Observed, hist: IL.History, action: ol.Action
     ) -> bool:
-        drv = self.driver
-        do = action.do
-        if do is Do.ADD_FINALIZER:
-            meta = body.get("metadata") or {}
-            finalizers = [*(meta.get("finalizers") or []), k8s.FINALIZER]
-            patch = {"metadata": {"finalizers": finalizers, "resourceVersion": _rv_str(body)}}
-            try:
-                result = await k8s.call(self.kube.patch_vi, *_ns_name(body), patch)
-            except Exception as exc:
-                if k8s.is_status(exc, 409, 404):
-                    return False  # a newer version is on its way to us
-                raise
-            self._remember(result)
-            return True
-        if do is Do.FINALIZE:
-            await self._finalize(body, view)
+        """Do one instance act; True if the owner should look again at once."""
+        log.info("instance %s: %s", subject.key, action.act)
+        try:
+            return await self._act(subject, observed, hist, action)
+        except errors.HypervisorError as exc:
+            await self._failed_action(subject, action, exc)
             return False
-        if do in (Do.START, Do.RESTART):
-            return await self._start(uid, body, view, observed, hist, restart=do is Do.RESTART)
-        if do is Do.CRASH_LOOP:
-            await k8s.call(self._cleanup, view.name)
-            new = L.desired_status(
-                view,
-                L.Observed(None),
-                phase="Failed",
-                ready_reason=L.REASON_CRASH_LOOP,
-                message=action.message,
+
+    async def _act(
+        self, subject: Subject, observed: IL.Observed, hist: IL.History, action: ol.Action
+    ) -> bool:
+        drv, vi, name, act = self.driver, subject.vi, subject.name, action.act
+        if act is Act.ADD_FINALIZER:
+            return await self._set_finalizer(subject, add=True)
+        if act is Act.FINALIZE:
+            await self._finalize(subject)
+            return False
+        if act in (Act.START, Act.RESTART):
+            return await self._start(subject, observed, hist, restart=act is Act.RESTART)
+        if act in (Act.CRASH_LOOP, Act.MARK_LOST):
+            await k8s.call(self._cleanup, name)
+            reason = IL.REASON_CRASH_LOOP if act is Act.CRASH_LOOP else ol.REASON_LOST
+            new = IL.desired_status(
+                vi, IL.Observed(None), phase="Failed", ready_reason=reason, message=action.message
             )
-            await self._write(body, new)
-            await self._event(body, L.REASON_CRASH_LOOP, action.message, events.WARNING)
+            await self.write(subject, new)
+            await self._event(subject, reason, action.message, events.WARNING)
             return False
-        spec = self._spec(body)
-        if do is Do.STOP:
+        if act is Act.EVICT:
+            return await self._evict(subject, action)
+        if act is Act.RELEASE_MIGRATING:
+            return await self._release_migrating(subject, observed)
+        spec = self._spec(subject.vi)
+        if act is Act.STOP:
             with metrics.timed_driver_call("shutdown_instance"):
                 forced = await k8s.call(drv.shutdown_instance, spec, self.policy.stop_timeout_s)
-            await k8s.call(self._cleanup, view.name)
+            await k8s.call(self._cleanup, name)
             how = "forced off after the graceful timeout" if forced else "shut down"
-            await self._event(body, "Stopped", f"instance {view.name} {how}")
-        elif do is Do.CLEANUP:
-            await k8s.call(self._cleanup, view.name)
-        elif do is Do.PAUSE:
+            await self._event(subject, "Stopped", f"instance {name} {how}")
+        elif act is Act.CLEANUP:
+            await k8s.call(self._cleanup, name)
+        elif act is Act.PAUSE:
             with metrics.timed_driver_call("pause_instance"):
                 await k8s.call(drv.pause_instance, spec)
-            await self._event(body, "Paused", f"instance {view.name} paused")
-        elif do is Do.RESUME:
+            await self._event(subject, "Paused", f"instance {name} paused")
+        elif act is Act.RESUME:
             with metrics.timed_driver_call("resume_instance"):
                 await k8s.call(drv.resume_instance, spec)
-            await self._event(body, "Resumed", f"instance {view.name} resumed")
-        elif do is Do.REBOOT:
+            await self._event(subject, "Resumed", f"instance {name} resumed")
+        elif act is Act.REBOOT:
             with metrics.timed_driver_call("reboot_instance"):
                 await k8s.call(drv.reboot_instance, spec)
-            await self._event(body, "Rebooted", f"instance {view.name} rebooted on request")
-            new = L.desired_status(
-                view, await self._observe(view.name), reboot_generation=view.spec_reboot_generation
+            await self._event(subject, "Rebooted", f"instance {name} rebooted on request")
+            new = IL.desired_status(
+                vi, await self.observe(name), reboot_generation=vi.spec.reboot_generation
             )
-            await self._write(body, new)
+            await self.write(subject, new)
             return True
-        elif do is Do.BALLOON:
+        elif act is Act.BALLOON:
             assert action.memory_mib is not None
             with metrics.timed_driver_call("balloon_instance_memory"):
                 await k8s.call(drv.balloon_instance_memory, spec, action.memory_mib)
             await self._event(
-                body, "Ballooned", f"instance {view.name} memory set to {action.memory_mib} MiB"
+                subject, "Ballooned", f"instance {name} memory set to {action.memory_mib} MiB"
             )
-        self.last_error.pop(uid, None)
-        await self._write(body, L.desired_status(view, await self._observe(view.name)))
+        else:
+            raise ValueError(f"not an instance act: {act}")
+        self.last_error.pop(subject.key, None)
+        await self.write(subject, IL.desired_status(vi, await self.observe(name)))
         return True
 
     # --- start ---------------------------------------------------------------------------
 
     def _spec(
-        self, body: Mapping[str, Any], password_file: str | None = None
+        self, vi: api.VirtualInstance, password_file: str | None = None
     ) -> values.InstanceSpec:
-        return translate.instance_spec(body, self.ctx.node_defaults, password_file)
+        return translate.instance_spec(vi, self.ctx.node_defaults, password_file)
 
-    async def _start(  # noqa: PLR0917
-        self,
-        uid: str,
-        body: dict[str, Any],
-        view: L.View,
-        observed: L.Observed,
-        hist: L.History,
-        restart: bool,
+    async def _start(
+        self, subject: Subject, observed: IL.Observed, hist: IL.History, restart: bool
     ) -> bool:
         cls = self.ctx.driver_cls
+        vi, name = subject.vi, subject.name
         try:
-            spec = self._spec(body, await self._password_file(body))
+            spec = self._spec(subject.vi, await self._password_file(subject))
             checked = cls.check_parameter_syntax(spec.params)
             cls.validate_parameters(spec.params)
             spec = dataclasses.replace(spec, params=checked)
@@ -220,25 +181,37 @@ class Reconciler:
             reason = getattr(exc, "reason", "InvalidInstance")
             message = getattr(exc, "message", str(exc))
             cond = status.Condition("ParametersValid", False, reason, message)
-            new = L.desired_status(
-                view,
+            new = IL.desired_status(
+                vi,
                 observed,
                 phase="Failed",
                 ready_reason=reason,
                 message=message,
                 params_valid=cond,
             )
-            await self._write(body, new)
-            await self._event(body, reason, message, events.WARNING)
+            await self.write(subject, new)
+            await self._event(subject, reason, message, events.WARNING)
             return False
         valid = status.Condition("ParametersValid", True, "Valid", "parameters valid on this node")
+        if vi.status.phase in CLAIM_BEFORE_START:
+            # Another writer (the drain re-placing a stopped instance) may act on this phase:
+            # claim the instance with a guarded write before the irreversible start.
+            try:
+                result = await self._guarded(subject, {"phase": "Starting"})
+            except k8s.Conflict:
+                return True  # changed meanwhile: the owner reads again and decides again
+            self.remember(result)
+            subject = Subject(api.VirtualInstance.model_validate(result))
+            vi = subject.vi
         now = time.time()
         if observed.state is not None:
-            await k8s.call(self._cleanup, view.name)  # a crashed leftover of the last run
+            await k8s.call(self._cleanup, name)  # a crashed leftover of the last run
         try:
             with metrics.timed_driver_call("start_instance"):
                 await k8s.call(
-                    self.driver.start_instance, spec, startup_paused=view.run_state == L.PAUSED
+                    self.driver.start_instance,
+                    spec,
+                    startup_paused=vi.spec.run_state is vim.RunState.PAUSED,
                 )
         except errors.InstanceAlreadyRunning:
             pass
@@ -246,48 +219,49 @@ class Reconciler:
             hist.failed_starts += 1
             hist.restarts.append(now)
             give_up = not exc.retryable or hist.failed_starts >= self.policy.crash_limit
-            new = L.desired_status(
-                view,
-                L.Observed(None),
+            new = IL.desired_status(
+                vi,
+                IL.Observed(None),
                 phase="Failed" if give_up else "Starting",
                 ready_reason=exc.reason,
                 message=exc.message,
                 params_valid=valid,
             )
-            await self._write(body, new)
-            await self._event(body, exc.reason, exc.message, events.WARNING)
+            await self.write(subject, new)
+            await self._event(subject, exc.reason, exc.message, events.WARNING)
             return False
         hist.failed_starts = 0
         restart_count = None
         if restart:
             hist.restarts.append(now)
-            restart_count = int(view.status.get("restartCount") or 0) + 1
-        observed = await self._observe(view.name)
+            restart_count = int(vi.status.restart_count or 0) + 1
+        observed = await self.observe(name)
         console = await k8s.call(self._console, spec)
-        new = L.desired_status(
-            view,
+        new = IL.desired_status(
+            vi,
             observed,
             params_valid=valid,
             restart_count=restart_count,
-            reboot_generation=view.spec_reboot_generation,
+            reboot_generation=vi.spec.reboot_generation,
             console=console,
         )
-        await self._write(body, new)
+        # The Event first, then the status that shows the result: whoever sees Running can
+        # already read why.
         mem = observed.info.memory_mib if observed.info else 0
+        node = self.ctx.node_name
         if restart:
             await self._event(
-                body,
+                subject,
                 "Restarted",
-                f"instance {view.name} was not running; restarted on node "
-                f"{self.ctx.node_name} (restart {restart_count})",
+                f"instance {name} was not running; restarted on node {node} "
+                f"(restart {restart_count})",
                 events.WARNING,
             )
         else:
             await self._event(
-                body,
-                "Started",
-                f"instance {view.name} started on {self.ctx.node_name} with {mem} MiB",
+                subject, "Started", f"instance {name} started on {node} with {mem} MiB"
             )
+        await self.write(subject, new)
         return True
 
     def _console(self, spec: values.InstanceSpec) -> str:
@@ -302,23 +276,89 @@ class Reconciler:
             return " ".join(info.command)
         return f"{info.kind}: {info.message}" if info.message else str(info.kind)
 
-    def _password_path(self, body: Mapping[str, Any]) -> str:
-        ns, name = _ns_name(body)
-        return os.path.join(self.ctx.settings.state_dir, "vnc", f"{ns}.{name}.password")
+    def _password_path(self, subject: Subject) -> str:
+        return os.path.join(
+            self.ctx.settings.state_dir,
+            "vnc",
+            f"{subject.namespace}.{subject.vi.metadata.name}.password",
+        )
 
-    async def _password_file(self, body: Mapping[str, Any]) -> str | None:
-        ref = translate.vnc_secret_ref(body.get("spec") or {})
-        if ref is None:
+    async def _password_file(self, subject: Subject) -> str | None:
+        ref = subject.vi.spec.console.vnc.password_secret_ref
+        if not subject.vi.spec.console.vnc.enabled or ref is None:
             return None
-        ns, _ = _ns_name(body)
-        secret = await k8s.call(self.kube.read_secret_key, ns, ref[0], ref[1])
+        ns = subject.namespace
+        try:
+            secret = await k8s.call(self.kube.read_secret_key, ns, ref.name, ref.key)
+        except Exception as exc:
+            if k8s.is_status(exc, 403):
+                raise errors.InvalidInstanceSpec(
+                    f"the kubehv agent may not read the VNC password Secret {ref.name!r} in "
+                    f"namespace {ns} (agents may read only Secrets named kubehv-console)"
+                ) from exc
+            raise
         if secret is None:
             raise errors.InvalidInstanceSpec(
-                f"VNC password Secret {ref[0]!r} (key {ref[1]!r}) not found in namespace {ns}"
+                f"VNC password Secret {ref.name!r} (key {ref.key!r}) not found in namespace {ns}"
             )
-        path = self._password_path(body)
+        path = self._password_path(subject)
         await k8s.call(_write_private, path, secret)
         return path
+
+    # --- drain, migration leftovers ------------------------------------------------------
+
+    async def _evict(self, subject: Subject, action: ol.Action) -> bool:
+        """Drain, evictionPolicy Stop: claim phase Evicted first (guarded), then shut down.
+
+        The phase is the guard: from Evicted the owner starts nothing while the node drains,
+        and the controller re-places the instance.
+        """
+        cond = status.Condition("Evicted", True, REASON_EVICTED, action.message)
+        new = {
+            "phase": "Evicted",
+            "conditions": status.merge_model_conditions(subject.vi.status.conditions, [cond]),
+        }
+        try:
+            result = await self._guarded(subject, new)
+        except k8s.Conflict:
+            return True  # changed meanwhile: decide again on the newer object
+        self.remember(result)
+        spec = self._spec(subject.vi)
+        with metrics.timed_driver_call("shutdown_instance"):
+            await k8s.call(self.driver.shutdown_instance, spec, self.policy.stop_timeout_s)
+        await k8s.call(self._cleanup, subject.name)
+        await self._event(subject, "Evicted", f"instance {subject.name} stopped: {action.message}")
+        return False
+
+    async def _release_migrating(self, subject: Subject, observed: IL.Observed) -> bool:
+        """Phase Migrating and no Migration owns it: show what the hypervisor says."""
+        alive = observed.alive
+        reason = "MigrationGone"
+        message = "no Migration owns the instance any more"
+        cond = status.Condition("Migrating", False, reason, message)
+        new: dict[str, Any] = {
+            "phase": IL.phase_for(subject.vi, observed) if alive else "Failed",
+            "conditions": status.merge_model_conditions(subject.vi.status.conditions, [cond]),
+        }
+        if not alive:
+            ready = status.Condition(
+                "Ready",
+                False,
+                ol.REASON_MIGRATED_AWAY,
+                f"instance {subject.name} is not on node {self.ctx.node_name} after a migration "
+                "ended without a record; it is not restarted because it may run on the target. "
+                "Check the other nodes, then change the spec to start it",
+            )
+            new["conditions"] = status.merge_model_conditions(
+                subject.vi.status.conditions, [cond, ready]
+            )
+            new["observedGeneration"] = subject.vi.metadata.generation or 0
+        try:
+            result = await self._guarded(subject, new)
+        except k8s.Conflict:
+            return True
+        self.remember(result)
+        return True
 
     # --- stop / delete -------------------------------------------------------------------
 
@@ -326,92 +366,84 @@ class Reconciler:
         with metrics.timed_driver_call("cleanup_instance"):
             self.driver.cleanup_instance(name)
 
-    async def _finalize(self, body: dict[str, Any], view: L.View) -> None:
-        spec = self._spec(body)
+    async def _set_finalizer(self, subject: Subject, add: bool) -> bool:
+        current = list(subject.vi.metadata.finalizers)
+        finalizers = (
+            [*current, k8s.FINALIZER] if add else [f for f in current if f != k8s.FINALIZER]
+        )
+        rv = subject.vi.metadata.resource_version
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": rv}}
+        try:
+            result = await k8s.call(
+                self.kube.patch_vi, subject.namespace, subject.vi.metadata.name, patch
+            )
+        except (k8s.Conflict, k8s.NotFound):
+            return False  # a newer version is on its way to us
+        if add:
+            self.remember(result)
+        return True
+
+    async def _finalize(self, subject: Subject) -> None:
+        spec = self._spec(subject.vi)
         with metrics.timed_driver_call("shutdown_instance"):
             await k8s.call(self.driver.shutdown_instance, spec, self.policy.stop_timeout_s)
-        await k8s.call(self._cleanup, view.name)
-        info = await k8s.call(self.driver.get_instance_info, view.name)
+        await k8s.call(self._cleanup, subject.name)
+        info = await k8s.call(self.driver.get_instance_info, subject.name)
         if info is not None and info.state.is_alive:
-            raise errors.InstanceStopError(f"instance {view.name} is still running")
+            raise errors.InstanceStopError(f"instance {subject.name} is still running")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._password_path(body))
-        meta = body.get("metadata") or {}
-        finalizers = [f for f in meta.get("finalizers") or [] if f != k8s.FINALIZER]
-        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": _rv_str(body)}}
-        try:
-            await k8s.call(self.kube.patch_vi, *_ns_name(body), patch)
-        except Exception as exc:
-            if not k8s.is_status(exc, 404, 409):
-                raise
-        await self._event(body, "Deleted", f"instance {view.name} stopped and removed")
+            os.unlink(self._password_path(subject))
+        await self._set_finalizer(subject, add=False)
+        await self._event(subject, "Deleted", f"instance {subject.name} stopped and removed")
 
     # --- writes --------------------------------------------------------------------------
 
-    async def _write(self, body: dict[str, Any], desired: Mapping[str, Any]) -> None:
-        view = L.View.of(body)
-        patch = L.status_patch(view, desired)
-        if not _real(patch):
+    async def write(self, subject: Subject, desired: Mapping[str, Any]) -> None:
+        patch = IL.status_patch(subject.vi, desired)
+        if not patch:
             return
         try:
-            result = await k8s.call(self.kube.patch_vi_status, *_ns_name(body), patch)
-        except Exception as exc:
-            if k8s.is_status(exc, 404):
-                return
-            raise
-        self._remember(result)
+            result = await k8s.call(
+                self.kube.patch_vi_status, subject.namespace, subject.vi.metadata.name, patch
+            )
+        except k8s.NotFound:
+            return
+        self.remember(result)
+
+    async def _guarded(self, subject: Subject, status_patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A status write that loses (:class:`k8s.Conflict`) to any write since our read."""
+        meta = subject.vi.metadata
+        return await k8s.call(
+            self.kube.patch_vi_status,
+            subject.namespace,
+            meta.name or "",
+            status_patch,
+            meta.resource_version,
+        )
 
     async def _failed_action(
-        self, body: dict[str, Any], view: L.View, action: L.Action, exc: errors.HypervisorError
+        self, subject: Subject, action: ol.Action, exc: errors.HypervisorError
     ) -> None:
-        uid = str((body.get("metadata") or {}).get("uid", ""))
-        text = f"{action.do} failed: {exc.message}"
-        log.warning("instance %s: %s", _key(body), text)
-        if self.last_error.get(uid) == text:
+        text = f"{action.act} failed: {exc.message}"
+        log.warning("instance %s: %s", subject.key, text)
+        if self.last_error.get(subject.key) == text:
             return
-        self.last_error[uid] = text
-        await self._event(body, exc.reason, text, events.WARNING)
-        observed = await self._observe(view.name)
-        await self._write(body, L.desired_status(view, observed, ready_reason=None, message=text))
+        self.last_error[subject.key] = text
+        await self._event(subject, exc.reason, text, events.WARNING)
+        observed = await self.observe(subject.name)
+        await self.write(subject, IL.desired_status(subject.vi, observed, message=text))
 
     async def _event(
-        self, body: Mapping[str, Any], reason: str, message: str, type_: str = events.NORMAL
+        self, subject: Subject, reason: str, message: str, type_: str = events.NORMAL
     ) -> None:
         await events.apost(
             self.kube,
-            body,
+            subject.vi,
             reason,
             message,
             type_=type_,
             component=f"kubehv-agent/{self.ctx.node_name}",
         )
-
-
-def _real(patch: Mapping[str, Any]) -> bool:
-    """A patch that only refreshes lastTransitionTime-free equal data is no patch at all."""
-    return bool(patch)
-
-
-def _rv(body: Mapping[str, Any]) -> int:
-    try:
-        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0
-
-
-def _rv_str(body: Mapping[str, Any]) -> str | None:
-    rv = (body.get("metadata") or {}).get("resourceVersion")
-    return str(rv) if rv else None
-
-
-def _ns_name(body: Mapping[str, Any]) -> tuple[str, str]:
-    meta = body.get("metadata") or {}
-    return str(meta.get("namespace", "")), str(meta.get("name", ""))
-
-
-def _key(body: Mapping[str, Any]) -> str:
-    ns, name = _ns_name(body)
-    return f"{ns}/{name}"
 
 
 def _write_private(path: str, data: bytes) -> None:

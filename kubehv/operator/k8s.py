@@ -1,10 +1,12 @@
-"""Thin, blocking Kubernetes access for the agent and the controller.
+"""The one Kubernetes access layer of the agent and the controller.
 
 Why this module exists: kopf delivers events, but kubehv writes status itself (merge patches
 to the status subresource, only when something changed) so that every write is deliberate
-and countable: the bench target is at most three API writes per instance from create to
-Running. Everything here is synchronous (the ``kubernetes`` client); async callers use
-:func:`call` to run it in a thread.
+and countable. Every call goes through :class:`Kube`, with a request timeout (a hung API
+server must not hang a reconcile or a migration step), and every hand-off write carries
+``metadata.resourceVersion`` so that a concurrent writer gets HTTP 409, surfaced as
+:class:`Conflict`: the loser re-reads and decides again. Everything here is synchronous
+(the ``kubernetes`` client); async callers use :func:`call` to run it in a thread.
 """
 
 from __future__ import annotations
@@ -17,15 +19,29 @@ from typing import Any, TypeVar
 
 import kubernetes
 
-GROUP = "kubehv.io"
-VERSION = "v1alpha1"
-VI_PLURAL = "virtualinstances"
-NHV_PLURAL = "nodehypervisors"
-MIG_PLURAL = "migrations"
-FINALIZER = "kubehv.io/instance"
+from kubehv import api
+from kubehv.api import constants
+
+GROUP = constants.GROUP
+VERSION = constants.VERSION
+VI_PLURAL = constants.PLURAL_VI
+NHV_PLURAL = constants.PLURAL_NHV
+MIG_PLURAL = constants.PLURAL_MIG
+FINALIZER = constants.INSTANCE_FINALIZER
 """The agent's finalizer on a VirtualInstance: whichever node runs it removes it on delete."""
 
+REQUEST_TIMEOUT = (5.0, 30.0)
+"""(connect, read) seconds for every API call kubehv makes itself."""
+
 T = TypeVar("T")
+
+
+class Conflict(Exception):
+    """Someone else wrote first (HTTP 409): re-read and decide again."""
+
+
+class NotFound(Exception):
+    """The object is gone (HTTP 404)."""
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -46,11 +62,24 @@ def load_api_client(kubeconfig: str | None = None) -> Any:
 
 
 def is_status(exc: BaseException, *codes: int) -> bool:
+    if isinstance(exc, Conflict):
+        return 409 in codes
+    if isinstance(exc, NotFound):
+        return 404 in codes
     return isinstance(exc, kubernetes.client.ApiException) and exc.status in codes
 
 
+def _translate(exc: Exception) -> Exception:
+    status = getattr(exc, "status", None)
+    if status == 409:
+        return Conflict(str(exc))
+    if status == 404:
+        return NotFound(str(exc))
+    return exc
+
+
 class Kube:
-    """The handful of calls kubehv's own code makes (kopf makes the watches)."""
+    """Every API call kubehv's own code makes (kopf makes the watches)."""
 
     def __init__(self, api_client: Any) -> None:
         self.api_client = api_client
@@ -58,57 +87,129 @@ class Kube:
         self.custom: Any = kubernetes.client.CustomObjectsApi(api_client)
         self.core: Any = kubernetes.client.CoreV1Api(api_client)
 
+    # --- generic ------------------------------------------------------------------------
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One CustomObjectsApi call with the timeout; 409/404 as Conflict/NotFound."""
+        try:
+            result: dict[str, Any] = getattr(self.custom, method)(
+                GROUP, VERSION, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs
+            )
+        except kubernetes.client.ApiException as exc:
+            raise _translate(exc) from exc
+        return result
+
+    def _get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            if namespace is None:
+                return self._call("get_cluster_custom_object", plural, name)
+            return self._call("get_namespaced_custom_object", namespace, plural, name)
+        except NotFound:
+            return None
+
+    def _list(
+        self, plural: str, field_selector: str = "", namespace: str | None = None
+    ) -> list[dict[str, Any]]:
+        kwargs = {"field_selector": field_selector} if field_selector else {}
+        if namespace is None:
+            result = self._call("list_cluster_custom_object", plural, **kwargs)
+        else:
+            result = self._call("list_namespaced_custom_object", namespace, plural, **kwargs)
+        return list(result.get("items") or [])
+
+    def _patch_status(
+        self, plural: str, name: str, body: Mapping[str, Any], namespace: str | None = None
+    ) -> dict[str, Any]:
+        if namespace is None:
+            return self._call("patch_cluster_custom_object_status", plural, name, dict(body))
+        return self._call(
+            "patch_namespaced_custom_object_status", namespace, plural, name, dict(body)
+        )
+
+    def _patch(
+        self, plural: str, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return self._call("patch_namespaced_custom_object", namespace, plural, name, dict(body))
+
     # --- VirtualInstances -------------------------------------------------------------
 
-    def patch_vi_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
-        return self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, VI_PLURAL, name, {"status": dict(status)}
+    def get_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(VI_PLURAL, name, namespace)
+
+    def list_instances(self, field_selector: str = "") -> list[dict[str, Any]]:
+        return self._list(VI_PLURAL, field_selector)
+
+    def patch_vi_status(
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Merge ``status``; with ``resource_version`` the write loses (409) to a newer one."""
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self._patch_status(VI_PLURAL, name, body, namespace)
+
+    def patch_instance_status(
+        self, vi: api.VirtualInstance, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Merge ``status`` into the instance ``vi`` was read from, guarded by its version."""
+        meta = vi.metadata
+        return self.patch_vi_status(
+            meta.namespace or "", meta.name or "", status, meta.resource_version or None
         )
 
-    def patch_vi(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Any:
-        return self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, VI_PLURAL, name, dict(patch)
-        )
+    def patch_vi(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        return self._patch(VI_PLURAL, namespace, name, patch)
 
-    def list_vis(self, field_selector: str = "") -> list[dict[str, Any]]:
-        kwargs = {"field_selector": field_selector} if field_selector else {}
-        result = self.custom.list_cluster_custom_object(GROUP, VERSION, VI_PLURAL, **kwargs)
-        return list(result.get("items") or [])
+    # --- Migrations ---------------------------------------------------------------------
+
+    def get_migration(self, namespace: str, name: str) -> dict[str, Any]:
+        found = self._get(MIG_PLURAL, name, namespace)
+        if found is None:
+            raise NotFound(f"Migration {namespace}/{name}")
+        return found
+
+    def list_migrations(
+        self, field_selector: str = "", namespace: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self._list(MIG_PLURAL, field_selector, namespace)
+
+    def patch_migration_status(self, view: Any, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """``patch`` (carrying resourceVersion) on the Migration ``view`` names."""
+        return self._patch_status(MIG_PLURAL, view.name, patch, view.namespace)
+
+    def set_migration_finalizers(self, view: Any, finalizers: list[str]) -> dict[str, Any]:
+        patch = {"metadata": {"resourceVersion": view.resource_version, "finalizers": finalizers}}
+        return self._patch(MIG_PLURAL, view.namespace, view.name, patch)
+
+    def create_migration(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._call("create_namespaced_custom_object", namespace, MIG_PLURAL, dict(body))
 
     # --- NodeHypervisors --------------------------------------------------------------
 
-    def get_nhv(self, name: str) -> dict[str, Any] | None:
-        try:
-            result: dict[str, Any] = self.custom.get_cluster_custom_object(
-                GROUP, VERSION, NHV_PLURAL, name
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return result
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        return self._get(NHV_PLURAL, name)
 
-    def list_nhvs(self) -> list[dict[str, Any]]:
-        result = self.custom.list_cluster_custom_object(GROUP, VERSION, NHV_PLURAL)
-        return list(result.get("items") or [])
+    def list_nodes(self) -> list[dict[str, Any]]:
+        return self._list(NHV_PLURAL)
 
-    def create_nhv(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.custom.create_cluster_custom_object(
-            GROUP, VERSION, NHV_PLURAL, dict(body)
-        )
-        return result
+    def create_node(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._call("create_cluster_custom_object", NHV_PLURAL, dict(body))
 
-    def patch_nhv_status(self, name: str, status: Mapping[str, Any]) -> Any:
-        return self.custom.patch_cluster_custom_object_status(
-            GROUP, VERSION, NHV_PLURAL, name, {"status": dict(status)}
-        )
+    def patch_node_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        return self._patch_status(NHV_PLURAL, name, {"status": dict(status)})
 
     # --- Secrets ----------------------------------------------------------------------
 
     def read_secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
         """One key of a Secret, decoded; ``None`` if the Secret or the key is missing."""
         try:
-            secret = self.core.read_namespaced_secret(name, namespace)
+            secret = self.core.read_namespaced_secret(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None

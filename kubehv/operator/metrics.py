@@ -167,6 +167,12 @@ def record_migration(result: str, seconds: float | None, bytes_transferred: int 
         MIGRATION_BYTES.inc(bytes_transferred)
 
 
+def record_migration_bytes(bytes_transferred: int) -> None:
+    """Memory a finished copy moved (counted when the copy completes, once)."""
+    if bytes_transferred > 0:
+        MIGRATION_BYTES.inc(bytes_transferred)
+
+
 def set_instance_phases(counts: dict[str, int]) -> None:
     """Replace the per-phase instance gauge with ``counts`` (phases absent drop to zero)."""
     for metric in INSTANCES.collect():

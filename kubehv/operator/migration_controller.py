@@ -18,8 +18,10 @@ from typing import Any, Protocol
 
 import kopf
 
+from kubehv import api
+from kubehv.operator import k8s, metrics
 from kubehv.operator import migration_logic as ml
-from kubehv.operator import migration_store
+from kubehv.operator import migration_scheduling as sched
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,12 @@ class ControllerContext(Protocol):
     def api_client(self) -> Any: ...
 
 
-def limits_from(ctx: Any) -> ml.Limits:
+def limits_from(ctx: Any) -> sched.Limits:
     settings = getattr(ctx, "settings", None)
     per_node = getattr(settings, "max_migrations_per_node", None)
     per_cluster = getattr(settings, "max_migrations_per_cluster", None)
-    default = ml.Limits()
-    return ml.Limits(
+    default = sched.Limits()
+    return sched.Limits(
         per_node=int(per_node) if isinstance(per_node, int) else default.per_node,
         per_cluster=int(per_cluster) if isinstance(per_cluster, int) else default.per_cluster,
     )
@@ -44,38 +46,60 @@ def limits_from(ctx: Any) -> ml.Limits:
 
 class MigrationController:
     def __init__(self, ctx: ControllerContext) -> None:
-        self.store = migration_store.Store(ctx.api_client)
+        self.store = k8s.Kube(ctx.api_client)
         self.limits = limits_from(ctx)
         self._lock = asyncio.Lock()
 
     async def handle(self, body: Mapping[str, Any]) -> None:
-        view = ml.MigrationView.from_body(body)
+        try:
+            view = ml.MigrationView.from_body(body)
+        except ValueError as exc:
+            log.warning("cannot read a Migration (%s); not acting on it", exc)
+            return
+        await self.handle_view(view)
+
+    async def handle_view(self, view: ml.MigrationView) -> None:
         step = ml.next_step(view, ml.Role.CONTROLLER)
+        if step is ml.Step.NONE and await self._gone_before_running(view):
+            step = ml.Step.ABORT
         if step is ml.Step.NONE:
             return
         # One controller decision at a time: scheduling counts the other migrations.
         async with self._lock:
             try:
                 view = ml.MigrationView.from_body(
-                    await migration_store.call(self.store.get_migration, view.namespace, view.name)
+                    await k8s.call(self.store.get_migration, view.namespace, view.name)
                 )
                 await self._step(view, ml.next_step(view, ml.Role.CONTROLLER))
-            except (migration_store.Conflict, migration_store.NotFound):
+            except (k8s.Conflict, k8s.NotFound):
                 log.debug("migration %s changed under us; will look again", view.key)
 
+    async def _gone_before_running(self, view: ml.MigrationView) -> bool:
+        """The instance was deleted while nothing irreversible had happened yet."""
+        if view.phase not in ml.BEFORE_RUNNING - {ml.Phase.PENDING}:
+            return False
+        body = await k8s.call(self.store.get_instance, view.namespace, view.instance)
+        return body is None or bool(
+            api.VirtualInstance.model_validate(body).metadata.deletion_timestamp
+        )
+
     async def _step(self, view: ml.MigrationView, step: ml.Step) -> None:
+        if step is ml.Step.NONE and await self._gone_before_running(view):
+            step = ml.Step.ABORT
         if step is ml.Step.NONE:
             return
         log.info("migration %s: controller step %s (phase %s)", view.key, step, view.phase)
         if step is ml.Step.SCHEDULE:
             await self._schedule(view)
         elif step is ml.Step.ABORT:
-            reason = (
-                "the Migration was deleted before the transfer started"
-                if view.deleting
-                else "abort was requested before the transfer started"
-            )
+            if view.deleting:
+                reason = "the Migration was deleted before the transfer started"
+            elif view.abort_annotated:
+                reason = "abort was requested before the transfer started"
+            else:
+                reason = "the VirtualInstance was deleted before the transfer started"
             await self._write(view, ml.fail(view, reason, aborted=True))
+            metrics.record_migration("Aborted", _seconds(view))
         elif step is ml.Step.TIME_OUT:
             waiting = {
                 ml.Phase.SCHEDULED: f"the source agent on {view.source_node}",
@@ -90,38 +114,40 @@ class MigrationController:
                     f"waiting for {waiting}; the instance still runs on {view.source_node}",
                 ),
             )
+            metrics.record_migration("Failed", _seconds(view))
         elif step is ml.Step.HAND_OFF:
             await self._hand_off(view)
         elif step is ml.Step.RELEASE:
             rest = [f for f in view.finalizers if f != ml.FINALIZER]
-            await migration_store.call(self.store.set_migration_finalizers, view, rest)
+            await k8s.call(self.store.set_migration_finalizers, view, rest)
 
     async def _write(self, view: ml.MigrationView, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return await migration_store.call(self.store.patch_migration_status, view, patch)
+        return await k8s.call(self.store.patch_migration_status, view, patch)
 
     async def _schedule(self, view: ml.MigrationView) -> None:
-        vi = await migration_store.call(self.store.get_instance, view.namespace, view.instance)
-        nodes = await migration_store.call(self.store.list_nodes)
-        others = await migration_store.call(self.store.list_migrations)
-        decision = ml.schedule(
+        vi = await k8s.call(self.store.get_instance, view.namespace, view.instance)
+        nodes = await k8s.call(self.store.list_nodes)
+        others = await k8s.call(self.store.list_migrations)
+        decision = sched.schedule(
             view,
-            ml.InstanceView.from_body(vi) if vi is not None else None,
-            [ml.NodeView.from_body(n) for n in nodes],
+            api.VirtualInstance.model_validate(vi) if vi is not None else None,
+            [api.NodeHypervisor.model_validate(n) for n in nodes],
             [ml.MigrationView.from_body(o) for o in others],
             self.limits,
         )
-        if isinstance(decision, ml.Refused):
+        if isinstance(decision, sched.Refused):
             await self._write(view, ml.fail(view, decision.reason))
+            metrics.record_migration("Failed", None)
             return
-        if isinstance(decision, ml.Queued):
-            current = view.conditions.get(ml.COND_QUEUED) or {}
-            if current.get("message") != decision.reason:
+        if isinstance(decision, sched.Queued):
+            current = view.conditions.get(ml.COND_QUEUED)
+            if current is None or current.message != decision.reason:
                 cond = ml.condition(ml.COND_QUEUED, True, "LimitReached", decision.reason)
                 await self._write(view, ml.status_patch(view, conditions=[cond]))
             return
         # Protect the Migration before anything irreversible can happen: our finalizer first.
         if ml.FINALIZER not in view.finalizers:
-            body = await migration_store.call(
+            body = await k8s.call(
                 self.store.set_migration_finalizers, view, [*view.finalizers, ml.FINALIZER]
             )
             view = ml.MigrationView.from_body(body)
@@ -154,23 +180,23 @@ class MigrationController:
         """Succeeded: the VirtualInstance now lives on the target (we alone write nodeName)."""
         message = f"instance moved from {view.source_node} to {view.target_node}"
         for _ in range(5):
-            vi = await migration_store.call(self.store.get_instance, view.namespace, view.instance)
-            if vi is None:
+            body = await k8s.call(self.store.get_instance, view.namespace, view.instance)
+            if body is None:
                 message = "instance was deleted"
                 break
-            status = vi.get("status") or {}
-            if status.get("nodeName") != view.source_node:
+            vi = api.VirtualInstance.model_validate(body)
+            if vi.status.node_name != view.source_node:
                 break
             cond = ml.condition("Migrating", False, "Migrated", message)
             new = {
                 "nodeName": view.target_node,
                 "phase": "Running",
-                "conditions": ml.merged_conditions(status.get("conditions") or [], [cond]),
+                "conditions": ml.merged_conditions(vi.status.conditions, [cond]),
             }
             try:
-                await migration_store.call(self.store.patch_instance_status, vi, new)
+                await k8s.call(self.store.patch_instance_status, vi, new)
                 break
-            except migration_store.Conflict:
+            except k8s.Conflict:
                 continue
         else:
             return  # kept losing: the next event or resync tries again
@@ -183,14 +209,20 @@ class MigrationController:
 
     async def resync(self) -> None:
         try:
-            items = await migration_store.call(self.store.list_migrations)
+            items = await k8s.call(self.store.list_migrations)
         except Exception as exc:
             log.warning("cannot list migrations: %s", exc)
             return
-        items.sort(key=lambda b: str((b.get("metadata") or {}).get("creationTimestamp", "")))
+        views = []
         for item in items:
             try:
-                await self.handle(item)
+                views.append(ml.MigrationView.from_body(item))
+            except ValueError as exc:
+                log.warning("cannot read a Migration (%s); skipping it", exc)
+        views.sort(key=lambda v: (v.creation_time or ml.now(), v.name))
+        for view in views:
+            try:
+                await self.handle_view(view)
             except Exception:
                 log.exception("migration controller step failed; will retry")
 
@@ -218,3 +250,9 @@ async def _resync_forever(controller: MigrationController) -> None:
     while True:
         await asyncio.sleep(RESYNC_INTERVAL_S)
         await controller.resync()
+
+
+def _seconds(view: ml.MigrationView) -> float | None:
+    if view.start_time is None:
+        return None
+    return max(0.0, (ml.now() - view.start_time).total_seconds())

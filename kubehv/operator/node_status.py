@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from kubehv import api
+from kubehv.api import metadata
 from kubehv.drivers import base, values
 from kubehv.operator import context, k8s, metrics, status
 
@@ -23,22 +25,21 @@ DRIVER_VERSION = "kubehv-0.1.0"
 
 def nhv_body(
     node: str, hypervisor: str, uri: str | None, migration_address: str | None
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {"nodeName": node, "hypervisor": hypervisor}
-    if uri:
-        spec["connectionURI"] = uri
-    if migration_address:
-        spec["migrationAddress"] = migration_address
-    return {
-        "apiVersion": f"{k8s.GROUP}/{k8s.VERSION}",
-        "kind": "NodeHypervisor",
-        "metadata": {"name": node},
-        "spec": spec,
-    }
+) -> api.NodeHypervisor:
+    """The NodeHypervisor an agent creates for its node when none exists."""
+    return api.NodeHypervisor(
+        metadata=metadata.ObjectMeta(name=node),
+        spec=api.NodeHypervisorSpec(
+            node_name=node,
+            hypervisor=hypervisor,
+            connection_uri=uri or None,
+            migration_address=migration_address or None,
+        ),
+    )
 
 
 def build_status(  # noqa: PLR0917
-    current: Mapping[str, Any],
+    current: api.NodeHypervisorStatus,
     info: values.NodeInfo,
     verify: values.VerifyResult,
     caps: values.Capabilities,
@@ -49,8 +50,8 @@ def build_status(  # noqa: PLR0917
 ) -> dict[str, Any]:
     """The agent-owned NodeHypervisor status (every field but the controller's)."""
     problems = list(verify.problems)
-    conditions = status.merge_conditions(
-        current.get("conditions") or [],
+    conditions = status.merge_model_conditions(
+        current.conditions,
         [
             status.Condition("Ready", True, "AgentReady", "the node agent is running"),
             status.Condition(
@@ -83,26 +84,33 @@ def build_status(  # noqa: PLR0917
     }
 
 
-def ensure_node(kube: k8s.Kube, body: Mapping[str, Any]) -> dict[str, Any]:
-    """Get this node's NodeHypervisor, creating it from ``body`` when missing (blocking)."""
-    name = body["metadata"]["name"]
-    existing = kube.get_nhv(name)
+def ensure_node(kube: k8s.Kube, wanted: api.NodeHypervisor) -> api.NodeHypervisor:
+    """Get this node's NodeHypervisor, creating ``wanted`` when missing (blocking)."""
+    name = wanted.metadata.name or ""
+    existing = kube.get_node(name)
     if existing is not None:
-        return existing
+        return api.NodeHypervisor.model_validate(existing)
     try:
-        return kube.create_nhv(body)
+        return api.NodeHypervisor.model_validate(kube.create_node(wanted.to_dict()))
     except Exception as exc:
         if k8s.is_status(exc, 409):
-            again = kube.get_nhv(name)
+            again = kube.get_node(name)
             if again is not None:
-                return again
+                return api.NodeHypervisor.model_validate(again)
         raise
 
 
 class Publisher:
-    def __init__(self, ctx: context.AgentContext) -> None:
+    def __init__(
+        self,
+        ctx: context.AgentContext,
+        known_instances: Callable[[], set[str]] = set,
+    ) -> None:
         self.ctx = ctx
-        self.current: dict[str, Any] = {}
+        self.current: api.NodeHypervisor | None = None
+        self.known_instances = known_instances
+        """Hypervisor names kubehv has a reason to run here; any other of its domains is
+        an orphan too (for example a guest left behind by a force-deleted instance)."""
 
     def _collect(self) -> tuple[values.NodeInfo, values.VerifyResult, int, list[str]]:
         drv = self.ctx.driver
@@ -111,20 +119,26 @@ class Publisher:
         with metrics.timed_driver_call("verify"):
             verify = drv.verify()
         with metrics.timed_driver_call("list_instances"):
-            count = len(drv.list_instances())
+            ours = drv.list_instances()
         with metrics.timed_driver_call("list_foreign_instances"):
             orphans = drv.list_foreign_instances()
-        return info, verify, count, orphans
+        known = self.known_instances()
+        orphans = sorted({*orphans, *(name for name in ours if name not in known)})
+        return info, verify, len(ours), orphans
 
     def beat(self) -> None:
         """One heartbeat (blocking): read the node, write status, refresh the defaults."""
         node = self.ctx.node_name
-        if not self.current:
-            self.current = self.ctx.kube.get_nhv(node) or {}
+        if self.current is None:
+            body = self.ctx.kube.get_node(node)
+            if body is None:
+                raise k8s.NotFound(f"NodeHypervisor {node}")
+            self.current = api.NodeHypervisor.model_validate(body)
         info, verify, count, orphans = self._collect()
-        generation = int((self.current.get("metadata") or {}).get("generation") or 0)
+        generation = self.current.metadata.generation or 0
+        current = self.current.status
         new = build_status(
-            self.current.get("status") or {},
+            current,
             info,
             verify,
             type(self.ctx.driver).CAPABILITIES,
@@ -133,11 +147,10 @@ class Publisher:
             generation,
             status.now_iso(),
         )
-        patch = status.changed_fields(self.current.get("status") or {}, new)
-        result = self.ctx.kube.patch_nhv_status(node, patch)
-        self.current = result if isinstance(result, dict) else {}
-        spec = self.current.get("spec") or {}
-        self.ctx.node_defaults = dict(spec.get("defaultParameters") or {})
+        wire = current.model_dump(mode="json", by_alias=True, exclude_none=True)
+        result = self.ctx.kube.patch_node_status(node, status.changed_fields(wire, new))
+        self.current = api.NodeHypervisor.model_validate(result)
+        self.ctx.node_defaults = dict(self.current.spec.default_parameters)
 
     async def run_forever(self) -> None:
         while True:
@@ -146,7 +159,7 @@ class Publisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.current = {}  # re-read next time (it may have been deleted)
+                self.current = None  # re-read next time (it may have been deleted)
                 log.warning("heartbeat of node %s failed: %s", self.ctx.node_name, exc)
                 if k8s.is_status(exc, 404):
                     await self._recreate()

@@ -1,7 +1,8 @@
 """Pure placement: which node gets an unplaced VirtualInstance, or why none can.
 
 Why this module exists: the controller's scheduling decision is a function of the instance
-and the nodes as last reported, plus the instances already assigned; keeping it pure lets the
+and the nodes as last reported (typed ``kubehv.api`` models), plus the instances already
+assigned; keeping it pure lets the
 tests cover pins, selectors, memory and spreading without a server. The memory rule is the
 startup-memory rule: the instance's *min* must fit in what is free, counting instances
 placed on the node that it has not reported yet.
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
+from kubehv import api
+from kubehv.api import conditions, constants
 from kubehv.operator import status, translate
 
 # Phases in which an assigned instance holds (or is about to hold) memory on its node.
@@ -33,44 +35,19 @@ HOLDING = frozenset(
 UNREPORTED = frozenset({"", "Pending", "Scheduled", "Starting"})
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NodeView:
-    name: str
-    hypervisor: str
-    labels: Mapping[str, str]
-    ready: bool
-    ready_reason: str
-    schedulable: bool
-    drain: bool
-    memory_total_mib: int
-    memory_free_mib: int
-    memory_dom0_mib: int
-    last_heartbeat: datetime.datetime | None
+def heartbeat_age_s(node: api.NodeHypervisor, now: datetime.datetime) -> float | None:
+    """Seconds since the node's agent last reported (None: it never did)."""
+    last = status.parse_time(node.status.last_heartbeat)
+    if last is None:
+        return None
+    return (now - last).total_seconds()
 
-    @classmethod
-    def of(cls, nhv: Mapping[str, Any]) -> NodeView:
-        meta = nhv.get("metadata") or {}
-        spec = nhv.get("spec") or {}
-        st = nhv.get("status") or {}
-        ready = status.condition(st, "Ready") or {}
-        return cls(
-            name=str(meta.get("name", "")),
-            hypervisor=str(spec.get("hypervisor") or "kvm"),
-            labels=dict(meta.get("labels") or {}),
-            ready=ready.get("status") == "True",
-            ready_reason=str(ready.get("reason") or "NoHeartbeat"),
-            schedulable=spec.get("schedulable", True) is not False,
-            drain=bool(spec.get("drain", False)),
-            memory_total_mib=int(st.get("memoryTotal") or 0),
-            memory_free_mib=int(st.get("memoryFree") or 0),
-            memory_dom0_mib=int(st.get("memoryDom0") or 0),
-            last_heartbeat=status.parse_time(st.get("lastHeartbeat")),
-        )
 
-    def heartbeat_age_s(self, now: datetime.datetime) -> float | None:
-        if self.last_heartbeat is None:
-            return None
-        return (now - self.last_heartbeat).total_seconds()
+def _ready(node: api.NodeHypervisor) -> tuple[bool, str]:
+    cond = conditions.get_condition(node.status.conditions, constants.COND_READY)
+    if cond is None:
+        return False, "NoHeartbeat"
+    return cond.status is conditions.ConditionStatus.TRUE, cond.reason or "NoHeartbeat"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,15 +69,14 @@ class Request:
     selector: Mapping[str, str]
 
     @classmethod
-    def of(cls, vi: Mapping[str, Any]) -> Request:
-        spec = vi.get("spec") or {}
-        mem_min, _ = translate.memory_mib(spec)
+    def of(cls, vi: api.VirtualInstance) -> Request:
+        spec = vi.spec
         return cls(
-            name=str((vi.get("metadata") or {}).get("name", "")),
-            hypervisor=str(spec.get("hypervisor") or "kvm"),
-            memory_min_mib=mem_min,
-            pin=spec.get("nodeName") or None,
-            selector=dict(spec.get("nodeSelector") or {}),
+            name=vi.metadata.name or "",
+            hypervisor=spec.hypervisor,
+            memory_min_mib=spec.memory.min_mib,
+            pin=spec.node_name or None,
+            selector=dict(spec.node_selector),
         )
 
 
@@ -118,58 +94,72 @@ class Decision:
         return "no node fits: " + "; ".join(self.reasons)
 
 
-def assigned_of(vi: Mapping[str, Any]) -> Assigned | None:
-    st = vi.get("status") or {}
-    node = st.get("nodeName")
-    phase = str(st.get("phase") or "")
-    if not node or phase not in HOLDING:
+def assigned_of(vi: api.VirtualInstance) -> Assigned | None:
+    st = vi.status
+    phase = st.phase.value if st.phase is not None else ""
+    if not st.node_name or phase not in HOLDING:
         return None
-    actual = translate.to_mib(st.get("actualMemory"))
-    mem_min, _ = translate.memory_mib(vi.get("spec") or {})
+    actual = translate.to_mib(st.actual_memory)
     reported = phase not in UNREPORTED and actual is not None
-    return Assigned(str(node), phase, actual if actual is not None else mem_min, reported)
+    memory = actual if actual is not None else vi.spec.memory.min_mib
+    return Assigned(st.node_name, phase, memory, reported)
 
 
-def free_memory(node: NodeView, assigned: Iterable[Assigned]) -> int:
+def free_memory(node: api.NodeHypervisor, assigned: Iterable[Assigned]) -> int:
     """What is free for a new instance: the node's report minus what it has not reported yet,
     and never more than total - dom0 - everything assigned."""
-    mine = [a for a in assigned if a.node == node.name]
+    name = node.metadata.name
+    st = node.status
+    mine = [a for a in assigned if a.node == name]
     unreported = sum(a.memory_mib for a in mine if not a.reported)
-    by_assignment = node.memory_total_mib - node.memory_dom0_mib - sum(a.memory_mib for a in mine)
-    return max(0, min(node.memory_free_mib - unreported, by_assignment))
+    total, dom0, free = st.memory_total or 0, st.memory_dom0 or 0, st.memory_free or 0
+    by_assignment = total - dom0 - sum(a.memory_mib for a in mine)
+    return max(0, min(free - unreported, by_assignment))
 
 
-def choose(request: Request, nodes: Sequence[NodeView], assigned: Sequence[Assigned]) -> Decision:
-    """The least loaded node that fits, or why each node does not."""
+def choose(
+    request: Request,
+    nodes: Sequence[api.NodeHypervisor],
+    assigned: Sequence[Assigned],
+    silent: Collection[str] = (),
+) -> Decision:
+    """The least loaded node that fits, or why each node does not. Nodes named in
+    ``silent`` lost their heartbeat: they are not Ready whatever they last reported."""
     fits: list[tuple[int, int, str]] = []
     reasons: list[str] = []
-    for node in sorted(nodes, key=lambda n: n.name):
-        why = _unfit(request, node, assigned)
+    for node in sorted(nodes, key=lambda n: n.metadata.name or ""):
+        name = node.metadata.name or ""
+        why = _unfit(request, node, assigned, name in silent)
         if why:
-            reasons.append(f"{node.name}: {why}")
+            reasons.append(f"{name}: {why}")
             continue
-        count = sum(1 for a in assigned if a.node == node.name)
-        fits.append((count, -free_memory(node, assigned), node.name))
-    if request.pin and not any(n.name == request.pin for n in nodes):
+        count = sum(1 for a in assigned if a.node == name)
+        fits.append((count, -free_memory(node, assigned), name))
+    if request.pin and not any(n.metadata.name == request.pin for n in nodes):
         reasons.insert(0, f"{request.pin}: pinned node has no NodeHypervisor")
     if not fits:
         return Decision(None, tuple(reasons))
     return Decision(min(fits)[2])
 
 
-def _unfit(request: Request, node: NodeView, assigned: Sequence[Assigned]) -> str:
-    if request.pin and node.name != request.pin:
+def _unfit(
+    request: Request, node: api.NodeHypervisor, assigned: Sequence[Assigned], silent: bool
+) -> str:
+    if request.pin and node.metadata.name != request.pin:
         return "instance is pinned to another node"
-    if node.hypervisor != request.hypervisor:
-        return f"runs hypervisor {node.hypervisor}, not {request.hypervisor}"
+    if node.spec.hypervisor != request.hypervisor:
+        return f"runs hypervisor {node.spec.hypervisor}, not {request.hypervisor}"
     for key, value in request.selector.items():
-        if node.labels.get(key) != value:
+        if node.metadata.labels.get(key) != value:
             return f"label {key}={value} does not match"
-    if not node.ready:
-        return f"not Ready ({node.ready_reason})"
-    if not node.schedulable:
+    ready, reason = _ready(node)
+    if silent:
+        ready, reason = False, "HeartbeatLost"
+    if not ready:
+        return f"not Ready ({reason})"
+    if not node.spec.schedulable:
         return "not schedulable"
-    if node.drain:
+    if node.spec.drain:
         return "draining"
     free = free_memory(node, assigned)
     if request.memory_min_mib > free:

@@ -1,9 +1,10 @@
 """Settings of the agent and the controller, and how they configure kopf.
 
 Why this module exists: the command line (kubehv.cli) fills these plain dataclasses; the
-operator modules read them. Keeping kopf's own knobs here (per-node finalizer and annotation
-prefixes, server-side field selectors, no peering) makes sure two agents on the same objects
-never fight over kopf's bookkeeping, and that an agent only ever receives its node's objects.
+operator modules read them. Keeping kopf's own knobs here (server-side field selectors,
+watch timeouts, no event posting of its own) makes sure an agent only ever receives its
+node's objects. kubehv registers only event handlers, so kopf keeps no state on the objects
+(no finalizers, no annotations) and needs no persistence settings.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class AgentSettings:
     kubeconfig: str | None = None
     driver_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     policy: instance_logic.Policy = dataclasses.field(default_factory=instance_logic.Policy)
-    # read by the migration modules (kubehv.operator.migration_agent)
+    # read by the source role of a migration (kubehv.operator.migration_source)
     migration_stall_timeout_s: float = 60.0
     migration_progress_interval_s: float = 0.5
 
@@ -58,27 +59,12 @@ class ControllerSettings:
 
 
 def configure_agent_kopf(settings: kopf.OperatorSettings, node: str) -> None:
-    """Per-node kopf bookkeeping and server-side filtering of VirtualInstances."""
-    safe = node.replace("_", "-").lower()
-    settings.persistence.finalizer = f"kopf.kubehv.io/agent-{safe}"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix=f"{safe}.agent.kubehv.io"
-    )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=f"{safe}.agent.kubehv.io", key="last-handled-configuration"
-    )
+    """Server-side filtering of VirtualInstances to this node's."""
     settings.watching.field_selectors[k8s.GROUP, k8s.VI_PLURAL] = f"status.nodeName={node}"
     _common(settings)
 
 
 def configure_controller_kopf(settings: kopf.OperatorSettings) -> None:
-    settings.persistence.finalizer = "kopf.kubehv.io/controller"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix="controller.kubehv.io"
-    )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="controller.kubehv.io", key="last-handled-configuration"
-    )
     _common(settings)
 
 

@@ -14,6 +14,9 @@ import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from kubehv import api
+from kubehv.api import conditions
+
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -42,49 +45,35 @@ class Condition:
         return "Unknown" if self.status is None else ("True" if self.status else "False")
 
 
+def merge_model_conditions(
+    current: Sequence[api.Condition],
+    updates: Iterable[Condition],
+    observed_generation: int | None = None,
+    now: str | None = None,
+) -> list[dict[str, Any]]:
+    """``current`` with ``updates`` applied by :func:`kubehv.api.conditions.set_condition`
+    (the one merger: lastTransitionTime moves only when status does), as wire dicts."""
+    merged = list(current)
+    stamp = now or now_iso()
+    for cond in updates:
+        status_value: conditions.ConditionStatus | bool = (
+            conditions.ConditionStatus.UNKNOWN if cond.status is None else cond.status
+        )
+        merged = conditions.set_condition(
+            merged, cond.type, status_value, cond.reason, cond.message, observed_generation, stamp
+        )
+    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in merged]
+
+
 def merge_conditions(
     current: Sequence[Mapping[str, Any]],
     updates: Iterable[Condition],
     observed_generation: int | None = None,
     now: str | None = None,
 ) -> list[dict[str, Any]]:
-    """``current`` with ``updates`` applied; lastTransitionTime moves only when status does."""
-    out = [dict(c) for c in current]
-    index = {c.get("type"): i for i, c in enumerate(out)}
-    stamp = now or now_iso()
-    for cond in updates:
-        new: dict[str, Any] = {
-            "type": cond.type,
-            "status": cond.status_text,
-            "reason": cond.reason,
-            "message": cond.message,
-        }
-        if observed_generation is not None:
-            new["observedGeneration"] = observed_generation
-        i = index.get(cond.type)
-        if i is None:
-            new["lastTransitionTime"] = stamp
-            index[cond.type] = len(out)
-            out.append(new)
-            continue
-        old = out[i]
-        new["lastTransitionTime"] = (
-            old.get("lastTransitionTime") or stamp if old.get("status") == new["status"] else stamp
-        )
-        out[i] = new
-    return out
-
-
-def condition(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any] | None:
-    for c in (status or {}).get("conditions") or []:
-        if c.get("type") == type_:
-            return dict(c)
-    return None
-
-
-def condition_true(status: Mapping[str, Any] | None, type_: str) -> bool:
-    c = condition(status, type_)
-    return c is not None and c.get("status") == "True"
+    """:func:`merge_model_conditions` for conditions still in wire form."""
+    models = [api.Condition.model_validate(c) for c in current]
+    return merge_model_conditions(models, updates, observed_generation, now)
 
 
 def changed_fields(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:

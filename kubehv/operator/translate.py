@@ -1,10 +1,11 @@
-"""VirtualInstance (a dict from the API) -> the driver's :class:`values.InstanceSpec`.
+"""VirtualInstance (the typed ``kubehv.api`` model) -> the driver's :class:`values.InstanceSpec`.
 
 Why this module exists: drivers never see Kubernetes objects. This is the one place that
 reads a VirtualInstance spec for the hypervisor: memory quantities to MiB, disks, NICs,
 boot, console, and the hypervisor parameters merged as Ganeti does (the node's
 NodeHypervisor ``defaultParameters`` under the instance's own ``hypervisorParameters``).
-No I/O: the VNC password file path is handed in by the caller, which wrote it.
+No I/O: the VNC password file path is handed in by the caller, which wrote it. A raw
+object (a dict from the API) is parsed into the model first, once, here at the edge.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from kubehv import api
 from kubehv.api import quantity
+from kubehv.api import virtualinstance as vim
 from kubehv.drivers import values
 
 _MAX_NAME = 128
@@ -32,7 +35,7 @@ def to_mib(value: Any) -> int | None:
         return None
 
 
-def instance_name(vi: Mapping[str, Any]) -> str:
+def hypervisor_name(namespace: str | None, name: str | None) -> str:
     """The hypervisor-level name: ``<namespace>.<name>``, unique on a node.
 
     Object names are unique only per namespace, and one node runs instances of many
@@ -40,28 +43,28 @@ def instance_name(vi: Mapping[str, Any]) -> str:
     dot splits it back). Names longer than the drivers' 128-character limit keep a readable
     prefix and end in a hash of the full name.
     """
-    meta = vi.get("metadata") or {}
-    full = f"{meta.get('namespace') or 'default'}.{meta.get('name', '')}"
+    full = f"{namespace or 'default'}.{name or ''}"
     if len(full) <= _MAX_NAME:
         return full
     digest = hashlib.sha256(full.encode()).hexdigest()[:12]
     return f"{full[: _MAX_NAME - 13].rstrip('.-')}-{digest}"
 
 
-def memory_mib(spec: Mapping[str, Any]) -> tuple[int, int]:
-    memory = spec.get("memory") or {}
-    mem_min = to_mib(memory.get("min")) or 0
-    mem_max = to_mib(memory.get("max")) or mem_min
-    return mem_min, mem_max
+def typed(vi: api.VirtualInstance | Mapping[str, Any]) -> api.VirtualInstance:
+    """The model of ``vi`` (parsed if it is a raw object; raises ValueError if invalid)."""
+    if isinstance(vi, api.VirtualInstance):
+        return vi
+    return api.VirtualInstance.model_validate(vi)
 
 
-def raw_params(spec: Mapping[str, Any]) -> dict[str, values.ParamValue]:
-    raw = spec.get("hypervisorParameters") or {}
-    return {str(k): v for k, v in raw.items() if isinstance(v, str | int | float | bool)}
+def instance_name(vi: api.VirtualInstance | Mapping[str, Any]) -> str:
+    """The hypervisor-level name of ``vi`` (see :func:`hypervisor_name`)."""
+    model = typed(vi)
+    return hypervisor_name(model.metadata.namespace, model.metadata.name)
 
 
 def merged_params(
-    spec: Mapping[str, Any], node_defaults: Mapping[str, Any] | None = None
+    spec: vim.VirtualInstanceSpec, node_defaults: Mapping[str, Any] | None = None
 ) -> dict[str, values.ParamValue]:
     """Node defaults under instance values (Ganeti's FillHV)."""
     out: dict[str, values.ParamValue] = {
@@ -69,86 +72,69 @@ def merged_params(
         for k, v in (node_defaults or {}).items()
         if isinstance(v, str | int | float | bool)
     }
-    out.update(raw_params(spec))
+    out.update(spec.hypervisor_parameters)
     return out
 
 
-def vnc_secret_ref(spec: Mapping[str, Any]) -> tuple[str, str] | None:
-    vnc = (spec.get("console") or {}).get("vnc") or {}
-    ref = vnc.get("passwordSecretRef") or {}
-    if not vnc.get("enabled") or not ref.get("name"):
-        return None
-    return str(ref["name"]), str(ref.get("key") or "password")
-
-
-def _boot(spec: Mapping[str, Any]) -> values.KernelBoot | None:
-    boot = spec.get("boot") or {}
-    if not boot.get("kernel"):
+def _boot(spec: vim.VirtualInstanceSpec) -> values.KernelBoot | None:
+    boot = spec.boot
+    if boot is None or not boot.kernel:
         return None
     return values.KernelBoot(
-        kernel=str(boot["kernel"]),
-        initrd=str(boot["initrd"]) if boot.get("initrd") else None,
-        cmdline=str(boot.get("cmdline") or ""),
+        kernel=boot.kernel, initrd=boot.initrd or None, cmdline=boot.cmdline or ""
     )
 
 
-def _disks(spec: Mapping[str, Any]) -> tuple[values.Disk, ...]:
-    out = []
-    for d in spec.get("disks") or []:
-        out.append(
-            values.Disk(
-                path=str(d.get("path", "")),
-                kind=values.DiskKind(d.get("type") or "file"),
-                format=values.DiskFormat(d.get("format") or "raw"),
-                bus=values.DiskBus(d.get("bus") or "virtio"),
-                readonly=bool(d.get("readOnly", False)),
-            )
+def _disks(spec: vim.VirtualInstanceSpec) -> tuple[values.Disk, ...]:
+    return tuple(
+        values.Disk(
+            path=d.path,
+            kind=values.DiskKind(d.type.value),
+            format=values.DiskFormat(d.format.value),
+            bus=values.DiskBus(d.bus.value),
+            readonly=d.read_only,
         )
-    return tuple(out)
+        for d in spec.disks
+    )
 
 
-def _nics(spec: Mapping[str, Any]) -> tuple[values.Nic, ...]:
-    out = []
-    for n in spec.get("nics") or []:
-        out.append(
-            values.Nic(
-                kind=values.NicKind(n.get("type") or "user"),
-                source=n.get("source") or None,
-                model=values.NicModel(n.get("model") or "virtio"),
-                mac=(str(n["mac"]).lower() if n.get("mac") else None),
-            )
+def _nics(spec: vim.VirtualInstanceSpec) -> tuple[values.Nic, ...]:
+    return tuple(
+        values.Nic(
+            kind=values.NicKind(n.type.value),
+            source=n.source or None,
+            model=values.NicModel(n.model.value),
+            mac=n.mac.lower() if n.mac else None,
         )
-    return tuple(out)
+        for n in spec.nics
+    )
 
 
-def _console(spec: Mapping[str, Any], vnc_password_file: str | None) -> values.ConsoleSpec:
-    console = spec.get("console") or {}
-    vnc = console.get("vnc") or {}
-    port = vnc.get("port")
+def _console(spec: vim.VirtualInstanceSpec, vnc_password_file: str | None) -> values.ConsoleSpec:
+    vnc = spec.console.vnc
     return values.ConsoleSpec(
-        serial=bool(console.get("serial", True)),
-        vnc=bool(vnc.get("enabled", False)),
-        vnc_listen=str(vnc.get("listen") or "127.0.0.1"),
-        vnc_port=int(port) if isinstance(port, int) and port > 0 else None,
+        serial=spec.console.serial,
+        vnc=vnc.enabled,
+        vnc_listen=vnc.listen or "127.0.0.1",
+        vnc_port=vnc.port if vnc.port is not None and vnc.port > 0 else None,
         vnc_password_file=vnc_password_file,
     )
 
 
 def instance_spec(
-    vi: Mapping[str, Any],
+    vi: api.VirtualInstance | Mapping[str, Any],
     node_defaults: Mapping[str, Any] | None = None,
     vnc_password_file: str | None = None,
 ) -> values.InstanceSpec:
-    """The driver's view of a VirtualInstance. Raises ValueError on an unknown enum value."""
-    spec = vi.get("spec") or {}
-    meta = vi.get("metadata") or {}
-    mem_min, mem_max = memory_mib(spec)
+    """The driver's view of a VirtualInstance. Raises ValueError on an invalid object."""
+    model = typed(vi)
+    spec = model.spec
     return values.InstanceSpec(
-        name=instance_name(vi),
-        uid=str(meta.get("uid", "")),
-        memory_min_mib=mem_min,
-        memory_max_mib=mem_max,
-        vcpus=int(spec.get("vcpus") or 1),
+        name=instance_name(model),
+        uid=model.metadata.uid or "",
+        memory_min_mib=spec.memory.min_mib,
+        memory_max_mib=spec.memory.max_mib,
+        vcpus=spec.vcpus,
         boot=_boot(spec),
         disks=_disks(spec),
         nics=_nics(spec),

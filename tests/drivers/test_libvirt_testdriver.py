@@ -262,11 +262,25 @@ def test_migration_info_and_accept(env: LibvirtTestEnv) -> None:
     )
 
 
-def test_finalize_destination_failure_destroys_a_leftover(env: LibvirtTestEnv) -> None:
-    spec = env.make_spec("half-arrived")
-    env.driver.start_instance(spec)  # stands for an incoming domain left behind
-    env.driver.finalize_migration_dst(spec, "", success=False)
-    assert env.driver.get_instance_info(spec.name) is None
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused-by-user"])
+def test_finalize_destination_failure_never_destroys_a_copy_that_is_not_incoming(
+    env: LibvirtTestEnv, paused: bool
+) -> None:
+    """Only a copy in libvirt's incoming states (paused for migration) may be destroyed:
+    a running one (libvirt resumed it) or one paused for another reason (it arrived paused)
+    may be the only copy. Undoing is refused with MigrationCompleted and the copy stays.
+    The incoming case itself needs a real migration: tests/drivers/test_libvirt_real.py."""
+    spec = env.make_spec("arrived")
+    env.driver.start_instance(spec, startup_paused=paused)
+    with pytest.raises(errors.MigrationCompleted) as exc:
+        env.driver.finalize_migration_dst(spec, "", success=False)
+    assert exc.value.reason == "MigrationCompleted"
+    assert "only copy" in exc.value.message
+    info = env.driver.get_instance_info(spec.name)
+    want = values.InstanceState.PAUSED if paused else values.InstanceState.RUNNING
+    assert info is not None and info.state is want
+    env.driver.stop_instance(spec, force=True)
+    env.driver.finalize_migration_dst(spec, "", success=False)  # nothing here: no-op
     with pytest.raises(errors.MigrationError, match="did not arrive"):
         env.driver.finalize_migration_dst(spec, "", success=True)
 
@@ -277,10 +291,18 @@ def test_finalize_source_failure_resumes_a_paused_guest(env: LibvirtTestEnv) -> 
     env.driver.finalize_migration_source(spec, success=False, live=False)
     info = env.driver.get_instance_info(spec.name)
     assert info is not None and info.state is values.InstanceState.RUNNING
-    env.driver.finalize_migration_source(spec, success=True, live=True)
-    assert env.driver.get_instance_info(spec.name) is None  # never on two nodes
+    # No migration completed: "success" must not remove the only copy.
+    with pytest.raises(errors.MigrationError, match="has not completed"):
+        env.driver.finalize_migration_source(spec, success=True, live=True)
+    assert env.driver.get_instance_info(spec.name) is not None
+    status = env.driver.get_migration_status(spec)
+    assert status.state is values.MigrationState.FAILED
+    assert "no migration job" in status.message
+    env.driver.abort_migration(spec)  # no job: not an error
+    env.driver.stop_instance(spec, force=True)
     with pytest.raises(errors.MigrationError, match="no longer runs"):
         env.driver.finalize_migration_source(spec, success=False, live=True)
+    env.driver.finalize_migration_source(spec, success=True, live=True)  # gone: nothing to do
 
 
 def test_migrate_without_target_uri_is_a_typed_error(env: LibvirtTestEnv) -> None:

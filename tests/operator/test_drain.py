@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from typing import Any
@@ -11,12 +12,13 @@ import pytest
 
 from kubehv.operator import drain
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_scheduling as sched
 
 
 def inst(
     name: str, node: str | None = "a", policy: str = "LiveMigrate", phase: str = "Running"
-) -> ml.InstanceView:
-    return ml.InstanceView(
+) -> sched.InstanceFacts:
+    return sched.InstanceFacts(
         name=name,
         namespace="ns",
         node_name=node,
@@ -43,6 +45,37 @@ def test_plan_per_policy() -> None:
     assert "4 instance(s) left" in message and "stopme" in message
     assert drain.drain_migration(to_migrate[1], "a")["spec"]["mode"] == "non-live"
     assert drain.drain_migration(to_migrate[0], "a")["spec"]["mode"] == "live"
+
+
+def test_plan_replaces_what_runs_nowhere_whatever_its_policy() -> None:
+    """A Stopped or Failed instance needs no live migration (issue: Drained never True)."""
+    instances = [
+        inst("stopped-live", phase="Stopped"),
+        inst("failed-cold", policy="Migrate", phase="Failed"),
+        inst("paused", phase="Paused"),
+    ]
+    to_migrate, to_replace, _ = drain.plan("a", instances, [])
+    assert [i.name for i in to_replace] == ["stopped-live", "failed-cold"]
+    assert [i.name for i in to_migrate] == ["paused"]
+
+
+def test_plan_names_pinned_instances_instead_of_migrating_them() -> None:
+    pinned = dataclasses.replace(inst("pinned"), pin="a")
+    to_migrate, _, message = drain.plan("a", [pinned, inst("free")], [])
+    assert [i.name for i in to_migrate] == ["free"]
+    assert "pinned to a by spec.nodeName" in message and "pinned" in message
+
+
+def test_migration_target_respects_pin_and_selector() -> None:
+    facts = dataclasses.replace(inst("vm"), selector={"zone": "z1"})
+    source = sched.NodeFacts("a", True, True, True, "fake", 4096, "1.0", True, "a")
+    wrong = sched.NodeFacts("b", True, True, False, "fake", 4096, "1.0", True, "b")
+    right = dataclasses.replace(wrong, name="c", labels={"zone": "z1"})
+    view = ml.MigrationView.from_body({"metadata": {"name": "m"}, "spec": {"instance": "vm"}})
+    assert "nodeSelector zone=z1" in (sched._target_problem(view, facts, source, wrong, "b") or "")
+    assert sched._target_problem(view, facts, source, right, "c") is None
+    pinned = dataclasses.replace(facts, pin="a")
+    assert "pinned to node a" in (sched._target_problem(view, pinned, source, right, "c") or "")
 
 
 def test_plan_skips_busy_and_reports_failed() -> None:

@@ -56,7 +56,7 @@ def test_migration_succeeds_with_progress(operator_cluster: Any, namespace: str,
     h.wait_instance_running(cluster, namespace, "vm-ok")
 
 
-@pytest.mark.parametrize("step", ["migration_info", "accept", "migrate", "finalize_dst"])
+@pytest.mark.parametrize("step", ["migration_info", "accept", "migrate"])
 def test_injected_failure_leaves_vm_on_source(
     operator_cluster: Any, namespace: str, step: str
 ) -> None:
@@ -80,6 +80,29 @@ def test_injected_failure_leaves_vm_on_source(
     assert vm not in h.fake_instances(state_dir(cluster, target), namespace)
     vi = h.wait_instance_running(cluster, namespace, vm)
     assert vi["status"]["nodeName"] == source
+
+
+def test_target_finalize_failure_keeps_the_only_copy(operator_cluster: Any, namespace: str) -> None:
+    """The copy completed, then the target failed to take it over: the source copy is gone
+    (as with libvirt), so the only copy is on the target. It must be kept and run there,
+    exactly once; never destroyed by a rollback."""
+    cluster = operator_cluster
+    vm = "vm-fail-finalize-dst"
+    source, _ = placed(cluster, namespace, vm, params={"fail_migration_at": "finalize_dst"})
+    target = other_node(cluster, source)
+    name = h.create_migration(cluster, namespace, vm, targetNode=target)
+    h.PhaseWatch(cluster, namespace, name).until({"Succeeded", "Failed", "Aborted"})
+
+    def moved() -> bool:
+        b = h.get(cluster, namespace, "migrations", name) or {}
+        conds = {c["type"]: c["status"] for c in (b.get("status") or {}).get("conditions", [])}
+        return conds.get("InstanceMoved") == "True"
+
+    h.wait_for("the instance handed to the target", moved)
+    assert h.alive_on(state_dir(cluster, target), namespace, vm)
+    assert vm not in h.fake_instances(state_dir(cluster, source), namespace)
+    vi = h.wait_instance_running(cluster, namespace, vm)
+    assert vi["status"]["nodeName"] == target
 
 
 def test_finalize_source_failure_still_succeeds(operator_cluster: Any, namespace: str) -> None:

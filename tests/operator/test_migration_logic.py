@@ -5,10 +5,14 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import pydantic
 import pytest
 
+from kubehv import api
 from kubehv.drivers import values
 from kubehv.operator import migration_logic as ml
+from kubehv.operator import migration_progress as progress
+from kubehv.operator import migration_scheduling as sched
 
 T0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 
@@ -52,7 +56,7 @@ def mig(
 
 
 def cond(ctype: str, ok: bool = True) -> dict[str, Any]:
-    return ml.condition(ctype, ok, "Test", "test", T0)
+    return ml.condition(ctype, ok, "Test", "test", T0).model_dump(by_alias=True, mode="json")
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -65,7 +69,9 @@ def test_view_defaults_and_spec_fields() -> None:
     assert view.options() == values.MigrationOptions(bandwidth_mib_s=20, max_downtime_ms=300)
     assert view.completion_timeout_s == ml.DEFAULT_COMPLETION_TIMEOUT_S
     assert mig().live
-    assert ml.MigrationView.from_body({}).phase is ml.Phase.PENDING
+    # Not a Migration: refused where it is parsed (the edge), never guessed into Pending.
+    with pytest.raises(pydantic.ValidationError):
+        ml.MigrationView.from_body({})
 
 
 def test_abort_requested_by_delete_or_annotation() -> None:
@@ -86,7 +92,7 @@ S, T, C = ml.Role.SOURCE, ml.Role.TARGET, ml.Role.CONTROLLER
         ("Scheduled", [], {C: ml.Step.NONE, S: ml.Step.PREPARE, T: ml.Step.NONE}),
         ("Preparing", [], {C: ml.Step.NONE, S: ml.Step.NONE, T: ml.Step.ACCEPT}),
         ("TargetReady", [], {C: ml.Step.NONE, S: ml.Step.MIGRATE, T: ml.Step.NONE}),
-        ("Running", [], {C: ml.Step.NONE, S: ml.Step.WATCH, T: ml.Step.NONE}),
+        ("Running", [], {C: ml.Step.NONE, S: ml.Step.TRACK_COPY, T: ml.Step.NONE}),
         ("Finalizing", [], {C: ml.Step.NONE, S: ml.Step.NONE, T: ml.Step.FINALIZE_TARGET}),
         (
             "Finalizing",
@@ -119,7 +125,7 @@ def test_abort_before_running_is_the_controllers() -> None:
         assert ml.next_step(view, T, T0) is ml.Step.NONE
     running = mig("Running", source="a", target="b", deleting=True, start=T0)
     assert ml.next_step(running, C, T0) is ml.Step.NONE
-    assert ml.next_step(running, S, T0) is ml.Step.WATCH
+    assert ml.next_step(running, S, T0) is ml.Step.TRACK_COPY
 
 
 def test_timeout_before_running_only() -> None:
@@ -200,67 +206,82 @@ def test_conditions_merge_by_type_and_keep_transition_time() -> None:
     ],
 )
 def test_version_pair(src: str, dst: str, safe: bool) -> None:
-    assert (ml.version_pair_problem(src, dst) is None) is safe
+    assert (sched.version_pair_problem(src, dst) is None) is safe
 
 
-def test_parse_mib() -> None:
-    assert ml.parse_mib("512Mi") == 512
-    assert ml.parse_mib("1Gi") == 1024
-    assert ml.parse_mib(256) == 256
-    assert ml.parse_mib("256") == 256
-    assert ml.parse_mib(None) is None
-    assert ml.parse_mib("lots") is None
+def test_memory_in_the_apis_units() -> None:
+    """One quantity parser: a bare integer is bytes, as the API defines it (the old
+    migration parser read it as MiB)."""
+    actual = inst(actual=None)
+    assert sched.InstanceFacts.of(actual).memory_in_use_mib == 1024  # max when not reported
+    assert sched.InstanceFacts.of(inst(actual=512)).actual_memory_mib == 512
+    raw = inst(actual=None)
+    raw.status.actual_memory = str(256 * 2**20)  # bytes, as a bare integer
+    assert sched.InstanceFacts.of(raw).actual_memory_mib == 256
 
 
 # --- scheduling ------------------------------------------------------------------------------
 
 
-def node(name: str, free: int = 4096, version: str = "1.0.0", **kw: Any) -> ml.NodeView:
-    base: dict[str, Any] = {
-        "name": name,
-        "ready": True,
-        "schedulable": True,
-        "drain": False,
-        "hypervisor": "fake",
-        "memory_free_mib": free,
-        "hypervisor_version": version,
-        "can_migrate": True,
-        "migration_address": f"10.0.0.{len(name)}",
-    }
-    base.update(kw)
-    return ml.NodeView(**base)
+def node(
+    name: str,
+    free: int = 4096,
+    version: str = "1.0.0",
+    *,
+    ready: bool = True,
+    drain: bool = False,
+    hypervisor: str = "fake",
+) -> api.NodeHypervisor:
+    return api.NodeHypervisor.model_validate(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": name,
+                "hypervisor": hypervisor,
+                "drain": drain,
+                "migrationAddress": f"10.0.0.{len(name)}",
+            },
+            "status": {
+                "memoryFree": free,
+                "hypervisorVersion": version,
+                "canMigrate": True,
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            },
+        }
+    )
 
 
-def inst(node_name: str | None = "a", actual: int | None = 512, **kw: Any) -> ml.InstanceView:
-    base: dict[str, Any] = {
-        "name": "vm1",
-        "namespace": "ns",
-        "node_name": node_name,
-        "phase": "Running",
-        "hypervisor": "fake",
-        "memory_min_mib": 256,
-        "memory_max_mib": 1024,
-        "actual_memory_mib": actual,
-        "eviction_policy": "LiveMigrate",
-    }
-    base.update(kw)
-    return ml.InstanceView(**base)
+def inst(
+    node_name: str | None = "a", actual: int | None = 512, phase: str = "Running"
+) -> api.VirtualInstance:
+    status: dict[str, Any] = {"phase": phase}
+    if node_name:
+        status["nodeName"] = node_name
+    if actual is not None:
+        status["actualMemory"] = f"{actual}Mi"
+    return api.VirtualInstance.model_validate(
+        {
+            "metadata": {"name": "vm1", "namespace": "ns"},
+            "spec": {"hypervisor": "fake", "memory": {"min": "256Mi", "max": "1024Mi"}},
+            "status": status,
+        }
+    )
 
 
-LIMITS = ml.Limits(per_node=1, per_cluster=2)
+LIMITS = sched.Limits(per_node=1, per_cluster=2)
 
 
 def test_schedule_picks_roomiest_ready_node() -> None:
     nodes = [node("a"), node("b", free=1000), node("c", free=3000), node("d", ready=False)]
-    decision = ml.schedule(mig(), inst(), nodes, [], LIMITS)
-    assert decision == ml.Scheduled("a", "c", None)
+    decision = sched.schedule(mig(), inst(), nodes, [], LIMITS)
+    assert decision == sched.Scheduled("a", "c", None)
 
 
 def test_schedule_respects_requested_target() -> None:
-    decision = ml.schedule(
+    decision = sched.schedule(
         mig(spec={"targetNode": "b"}), inst(), [node("a"), node("b", 1000)], [], LIMITS
     )
-    assert decision == ml.Scheduled("a", "b", None)
+    assert decision == sched.Scheduled("a", "b", None)
 
 
 @pytest.mark.parametrize(
@@ -271,41 +292,41 @@ def test_schedule_respects_requested_target() -> None:
         (inst(phase="Stopped"), "only a running instance"),
     ],
 )
-def test_schedule_refuses_bad_instances(instance: ml.InstanceView | None, needle: str) -> None:
-    decision = ml.schedule(mig(), instance, [node("a"), node("b")], [], LIMITS)
-    assert isinstance(decision, ml.Refused)
+def test_schedule_refuses_bad_instances(instance: api.VirtualInstance | None, needle: str) -> None:
+    decision = sched.schedule(mig(), instance, [node("a"), node("b")], [], LIMITS)
+    assert isinstance(decision, sched.Refused)
     assert needle in decision.reason
 
 
 def test_unsafe_version_pair_refused_unless_allowed() -> None:
     nodes = [node("a", version="7.2.0"), node("b", version="8.0.0")]
-    refused = ml.schedule(mig(spec={"targetNode": "b"}), inst(), nodes, [], LIMITS)
-    assert isinstance(refused, ml.Refused)
+    refused = sched.schedule(mig(spec={"targetNode": "b"}), inst(), nodes, [], LIMITS)
+    assert isinstance(refused, sched.Refused)
     assert "7.2.0" in refused.reason and "8.0.0" in refused.reason
-    allowed = ml.schedule(
+    allowed = sched.schedule(
         mig(spec={"targetNode": "b", "allowUnsafeVersionPair": True}), inst(), nodes, [], LIMITS
     )
-    assert allowed == ml.Scheduled("a", "b", None)
+    assert allowed == sched.Scheduled("a", "b", None)
 
 
 def test_memory_balloon_down_or_refuse_with_both_numbers() -> None:
     nodes = [node("a"), node("b", free=400)]
-    decision = ml.schedule(mig(spec={"targetNode": "b"}), inst(actual=900), nodes, [], LIMITS)
-    assert decision == ml.Scheduled("a", "b", 400)
+    decision = sched.schedule(mig(spec={"targetNode": "b"}), inst(actual=900), nodes, [], LIMITS)
+    assert decision == sched.Scheduled("a", "b", 400)
     small = [node("a"), node("b", free=200)]
-    refused = ml.schedule(mig(spec={"targetNode": "b"}), inst(actual=900), small, [], LIMITS)
-    assert isinstance(refused, ml.Refused)
+    refused = sched.schedule(mig(spec={"targetNode": "b"}), inst(actual=900), small, [], LIMITS)
+    assert isinstance(refused, sched.Refused)
     assert "900 MiB" in refused.reason and "200 MiB" in refused.reason
 
 
 def test_one_active_migration_per_instance() -> None:
     running = mig("Running", name="m0", uid="u0", source="a", target="b")
-    refused = ml.schedule(mig(), inst(), [node("a"), node("b")], [running], LIMITS)
-    assert isinstance(refused, ml.Refused)
+    refused = sched.schedule(mig(), inst(), [node("a"), node("b")], [running], LIMITS)
+    assert isinstance(refused, sched.Refused)
     assert "m0" in refused.reason
     older = mig("Pending", name="m0", uid="u0", created=T0 - datetime.timedelta(seconds=1))
     assert isinstance(
-        ml.schedule(mig(), inst(), [node("a"), node("b")], [older], LIMITS), ml.Refused
+        sched.schedule(mig(), inst(), [node("a"), node("b")], [older], LIMITS), sched.Refused
     )
     done = mig(
         "Failed",
@@ -316,8 +337,21 @@ def test_one_active_migration_per_instance() -> None:
         conditions=[cond(ml.COND_SOURCE_FINALIZED)],
     )
     assert isinstance(
-        ml.schedule(mig(), inst(), [node("a"), node("b")], [done], LIMITS), ml.Scheduled
+        sched.schedule(mig(), inst(), [node("a"), node("b")], [done], LIMITS), sched.Scheduled
     )
+
+
+def test_same_named_instance_elsewhere_does_not_block() -> None:
+    """Found by the kvm fault matrix: instances are namespaced, so is the one-migration rule."""
+    other = ml.MigrationView.from_body(
+        {
+            "metadata": {"name": "m0", "namespace": "elsewhere", "uid": "u0"},
+            "spec": {"instance": "vm1"},
+            "status": {"phase": "Running", "sourceNode": "c", "targetNode": "d"},
+        }
+    )
+    nodes = [node("a"), node("b"), node("c"), node("d")]
+    assert isinstance(sched.schedule(mig(), inst(), nodes, [other], LIMITS), sched.Scheduled)
 
 
 def test_parallel_limits_queue() -> None:
@@ -329,8 +363,8 @@ def test_parallel_limits_queue() -> None:
             "status": {"phase": "Running", "sourceNode": "a", "targetNode": "c"},
         }
     )
-    decision = ml.schedule(mig(), inst(), [node("a"), node("b"), node("c")], [other], LIMITS)
-    assert isinstance(decision, ml.Queued)
+    decision = sched.schedule(mig(), inst(), [node("a"), node("b"), node("c")], [other], LIMITS)
+    assert isinstance(decision, sched.Queued)
     elsewhere = ml.MigrationView.from_body(
         {
             "metadata": {"name": "m9", "namespace": "ns", "uid": "u9"},
@@ -339,16 +373,18 @@ def test_parallel_limits_queue() -> None:
         }
     )
     nodes = [node("a"), node("b"), node("c", free=9000), node("d")]
-    assert ml.schedule(mig(), inst(), nodes, [elsewhere], LIMITS) == ml.Scheduled("a", "b", None)
+    assert sched.schedule(mig(), inst(), nodes, [elsewhere], LIMITS) == sched.Scheduled(
+        "a", "b", None
+    )
     two = [elsewhere, other]
-    assert isinstance(ml.schedule(mig(), inst(), nodes, two, LIMITS), ml.Queued)
+    assert isinstance(sched.schedule(mig(), inst(), nodes, two, LIMITS), sched.Queued)
 
 
 def test_no_target_explains_each_node() -> None:
-    decision = ml.schedule(
+    decision = sched.schedule(
         mig(), inst(), [node("a"), node("b", drain=True), node("c", hypervisor="kvm")], [], LIMITS
     )
-    assert isinstance(decision, ml.Refused)
+    assert isinstance(decision, sched.Refused)
     assert "b is not schedulable" in decision.reason
     assert "c runs kvm" in decision.reason
 
@@ -366,16 +402,16 @@ def st(processed: int, remaining: int, state: str = "active") -> values.Migratio
 
 
 def test_progress_tracker_rate_and_stall() -> None:
-    tracker = ml.ProgressTracker(stall_timeout_s=10)
+    tracker = progress.ProgressTracker(stall_timeout_s=10)
     assert tracker.update(st(0, 1000), 0.0)
     assert tracker.update(st(100, 900), 1.0)
     assert tracker.rate_bytes_s == pytest.approx(100.0)
     assert not tracker.update(st(100, 900), 5.0)
     assert not tracker.stalled(10.0)
     assert tracker.stalled(11.5)
-    progress = ml.progress_dict(st(100, 900), tracker.rate_bytes_s)
+    shown = progress.progress_dict(st(100, 900), tracker.rate_bytes_s)
     assert (
-        progress
+        shown
         == {
             "memoryTotal": 1000,
             "memoryProcessed": 100,
@@ -383,14 +419,14 @@ def test_progress_tracker_rate_and_stall() -> None:
             "percent": 10,
             "rateBytesPerSecond": 0,
         }
-        or progress["percent"] == 10
+        or shown["percent"] == 10
     )
 
 
 def test_recover_running_cleanup_mode() -> None:
     active = st(1, 2)
-    assert ml.recover_running(True, active) is ml.Recovery.RESUME_WATCH
-    assert ml.recover_running(False, None) is ml.Recovery.COMPLETED
-    assert ml.recover_running(True, st(0, 0, "completed")) is ml.Recovery.COMPLETED
-    assert ml.recover_running(True, None) is ml.Recovery.INTERRUPTED
-    assert ml.recover_running(True, st(0, 0, "failed")) is ml.Recovery.INTERRUPTED
+    assert progress.recover_running(True, active) is progress.Recovery.RESUME_WATCH
+    assert progress.recover_running(False, None) is progress.Recovery.COMPLETED
+    assert progress.recover_running(True, st(0, 0, "completed")) is progress.Recovery.COMPLETED
+    assert progress.recover_running(True, None) is progress.Recovery.INTERRUPTED
+    assert progress.recover_running(True, st(0, 0, "failed")) is progress.Recovery.INTERRUPTED

@@ -61,6 +61,9 @@ class FakeHypervisor(migration.FakeMigration, base.BaseHypervisor):
             state_dir = tempfile.mkdtemp(prefix="kubehv-fake-")
         self.store = store.Store(state_dir)
         self.clock: Callable[[], float] = time.time
+        # Names whose migrate_instance call is starting in this object: only to say "not
+        # started yet" instead of "no job"; outcomes are read from the job files.
+        self._starting: set[str] = set()
 
     @property
     def uri(self) -> str:
@@ -165,12 +168,14 @@ class FakeHypervisor(migration.FakeMigration, base.BaseHypervisor):
             if rec is None or rec.status in (store.INCOMING, store.MIGRATED):
                 return  # not running here: not an error
             if force or not rec.alive:
+                store.source_gone(rec, now, "the instance was stopped on the source node")
                 self.store.remove(target)
                 return
             if fparams.as_bool(rec.params, "ignore_shutdown"):
                 return  # the guest ignores the request; shutdown_instance will force
             delay = fparams.as_float(rec.params, "shutdown_delay_s") or 0.0
             if delay <= 0:
+                store.source_gone(rec, now, "the instance shut down on the source node")
                 self.store.remove(target)
             elif rec.status != store.SHUTTING_DOWN:
                 rec.status, rec.off_at = store.SHUTTING_DOWN, now + delay

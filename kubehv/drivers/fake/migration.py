@@ -1,52 +1,51 @@
 """Migration between two fake nodes, in Ganeti's order, through the migration info blob.
 
 Why this module exists: the operator's migration protocol (and its failure, abort and
-restart paths) must be testable without QEMU. Each fake node is a state directory; the
-target's "connection URI" is ``fake://<target state dir>`` (``MigrationTarget.uri``), so the
-source reaches the target the way libvirt reaches a peer libvirtd: by address, not through
-a shared Python object. The protocol:
+restart paths) must be testable without QEMU, against a fake that fails the way libvirt
+does. Each fake node is a state directory; the target's "connection URI" is
+``fake://<target state dir>`` (``MigrationTarget.uri``), so the source reaches the target
+the way libvirt reaches a peer libvirtd: by address, not through a shared Python object.
 
-1. ``migration_info`` (source): a JSON blob with the instance's state, memory, boot count
-   and a random token; the source record remembers the token.
-2. ``accept_instance`` (target): parses the blob and writes an ``incoming`` record that
-   reserves the memory.
-3. ``migrate_instance`` (source): checks the target holds an ``incoming`` record with the
-   same token, then "transfers" memory in steps (``migration_duration_s``, or memory /
-   ``MigrationOptions.bandwidth_mib_s``), saving progress in the source record after each
-   step, so ``get_migration_status`` -- from any thread or process -- shows it; a flag set
-   by ``abort_migration`` is honoured between steps. At the end the target record becomes
-   the running instance and the source record turns ``migrated`` (no longer listed).
-4. ``finalize_migration_dst(success)``: keeps the target copy, or removes it.
-5. ``finalize_migration_source(success)``: removes the source copy only on success; on
-   failure the source instance runs again, as before the migration.
+The transfer belongs to the "hypervisor", not to the agent: ``migrate_instance`` writes a
+durable job (:mod:`kubehv.drivers.fake.job`: start time, duration, the instance's state) and
+then only waits for it. Every read, from any process on either node, computes the job's
+progress and outcome from the file and the clock, so an agent killed mid-transfer changes
+nothing: the migration completes (or fails, per the fault knobs) on its own, exactly like
+libvirtd's job. The protocol:
+
+1. ``migration_info`` (source): a JSON blob with the instance's state, memory, boot count,
+   a random token and where the job will live; the source record remembers the token.
+2. ``accept_instance`` (target): an ``incoming`` record that reserves memory (the minimum
+   must fit, as :func:`kubehv.drivers.base.startup_memory` says).
+3. ``migrate_instance`` (source): checks the target's ``incoming`` record, writes the job
+   (``migration_duration_s``, or memory / ``MigrationOptions.bandwidth_mib_s``), and waits
+   for its outcome. ``abort_migration`` dates an abort in the job: it wins only if the
+   transfer has not ended by then. At the end the target record becomes the instance and
+   the source record a ``migrated`` leftover (no longer listed); on failure the incoming
+   copy disappears and the source instance runs on as before.
+4. ``finalize_migration_dst(success)``: keeps the target copy; undoing removes only a copy
+   still incoming, never one that arrived (``MigrationCompleted``).
+5. ``finalize_migration_source(success)``: removes the ``migrated`` leftover; refuses to
+   remove an instance that still runs here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import psutil
-
-from kubehv.drivers import errors, values
+from kubehv.drivers import base, errors, values
+from kubehv.drivers.fake import job as fjob
 from kubehv.drivers.fake import params as fparams
 from kubehv.drivers.fake import store as fstore
 
 MIB = 1024 * 1024
 URI_PREFIX = "fake://"
 
-# Tokens of migrations this process is transferring right now: a persisted "active"
-# migration whose token is missing here (and whose owner is this pid) was interrupted.
-_ACTIVE_TOKENS: set[str] = set()
-_ACTIVE_GUARD = threading.Lock()
-
 _STATUS = {
-    "prepared": values.MigrationState.ACTIVE,
     "active": values.MigrationState.ACTIVE,
     "completed": values.MigrationState.COMPLETED,
     "failed": values.MigrationState.FAILED,
@@ -81,11 +80,12 @@ def _parse_blob(info: str, name: str) -> dict[str, Any]:
 class FakeMigration:
     """Migration half of :class:`kubehv.drivers.fake.driver.FakeHypervisor`."""
 
-    TRANSFER_STEPS: ClassVar[int] = 20
+    POLL_S: ClassVar[float] = 0.02
 
     store: fstore.Store
     config: values.DriverConfig
     clock: Callable[[], float]
+    _starting: set[str]
 
     def _free_mib(self, now: float) -> int:
         raise NotImplementedError
@@ -102,7 +102,7 @@ class FakeMigration:
             rec = self.store.current(instance.name, self.clock())
             if rec is None or not rec.alive:
                 raise errors.InstanceNotFound(instance.name)
-            if rec.migration is not None and self._is_transferring(rec.migration):
+            if rec.migration is not None and rec.migration.state == fjob.ACTIVE:
                 raise errors.MigrationError(f"instance {instance.name!r} is already migrating")
             token = secrets.token_hex(16)
             rec.migration = fstore.MigrationRecord(
@@ -110,6 +110,7 @@ class FakeMigration:
                 role="source",
                 total_bytes=rec.memory_mib * MIB,
                 prev_status=rec.status,
+                job_path=fjob.path_for(self.store.state_dir, token),
             )
             self.store.save(rec)
         blob = {
@@ -118,6 +119,7 @@ class FakeMigration:
             "uid": rec.uid,
             "token": token,
             "source_node": self.config.node_name,
+            "job_path": rec.migration.job_path,
             "status": rec.status,
             "memory_mib": rec.memory_mib,
             "memory_min_mib": rec.memory_min_mib,
@@ -136,6 +138,44 @@ class FakeMigration:
         options: values.MigrationOptions | None = None,
     ) -> None:
         name = instance.name
+        self._starting.add(name)
+        try:
+            path = self._start_job(instance, target, live, options)
+        finally:
+            self._starting.discard(name)
+        # The job runs in the "hypervisor": this call only waits for its outcome.
+        while True:
+            got = fjob.read(path, self.clock())
+            if got is None:
+                raise errors.MigrationError(f"the migration job of {name!r} disappeared")
+            record, result = got
+            if result.state != fjob.ACTIVE:
+                break
+            time.sleep(min(self.POLL_S, max(0.0, record.end - self.clock())) or self.POLL_S)
+        with self.store.locked():
+            self.store.current(name, self.clock())  # apply the outcome to the source record
+        self._settle_target(target, name)
+        if result.state == fjob.COMPLETED:
+            return
+        cls = errors.MigrationAborted if result.state == fjob.CANCELLED else errors.MigrationError
+        raise cls(f"{result.message}; the instance stays on the source node")
+
+    def _start_job(
+        self,
+        instance: values.InstanceSpec,
+        target: values.MigrationTarget,
+        live: bool,
+        options: values.MigrationOptions | None,
+    ) -> str:
+        """Check both sides and write the job; from then on the transfer runs by itself."""
+        name = instance.name
+        try:
+            dst = fstore.Store(state_dir_from_uri(target.uri), create=False)
+        except errors.HypervisorUnavailable as exc:
+            self._fail_prepared(name, f"cannot reach target node {target.node!r}: {exc.message}")
+            raise errors.MigrationError(
+                f"cannot reach target node {target.node!r}: {exc.message}"
+            ) from exc
         with self.store.locked():
             rec = self.store.current(name, self.clock())
             if rec is None or not rec.alive:
@@ -143,168 +183,181 @@ class FakeMigration:
             mig = rec.migration
             if mig is None or mig.role != "source":
                 raise errors.MigrationError(f"call migration_info for {name!r} first")
-            if mig.state == "cancelled":
+            if mig.state == fjob.CANCELLED:
                 raise errors.MigrationAborted(f"migration of {name!r} was aborted")
             if mig.state != "prepared":
                 raise errors.MigrationError(f"migration of {name!r} is already {mig.state}")
             token = mig.token
-            mig.state, mig.owner_pid, mig.live, mig.prev_status = (
-                "active",
-                os.getpid(),
-                live,
-                rec.status,
+            duration = fparams.as_float(instance.params, "migration_duration_s") or 0.0
+            if options is not None and options.bandwidth_mib_s:
+                duration = max(duration, rec.memory_mib / options.bandwidth_mib_s)
+            fails = fparams.fails_at(instance.params, "migrate")
+            if fails:
+                duration = max(duration, 0.02)  # it fails halfway: it must have a halfway
+            now = self.clock()
+            job = fjob.Job(
+                token=token,
+                name=name,
+                target_node=target.node,
+                started_at=now,
+                duration_s=duration,
+                total_bytes=rec.memory_mib * MIB,
+                live=live,
+                prev_status=rec.status,
+                memory_mib=rec.memory_mib,
+                boot_count=rec.boot_count,
+                cpu_time_s=_cpu_time(rec, now),
+                crash_at=rec.crash_at,
+                fail_at=now + duration / 2 if fails else None,
             )
-            mig.processed_bytes, mig.total_bytes = 0, rec.memory_mib * MIB
+            path = mig.job_path
+        # The job starts under the target's lock, so the target can never drop a copy
+        # that a job is about to fill (it sees the job, or the job sees no copy).
+        with dst.locked():
+            inc = dst.load(name)
+            accepted = inc is not None and inc.migration is not None
+            if accepted and inc is not None and inc.migration is not None:
+                accepted = inc.migration.token == token
+            if accepted:
+                fjob.create(path, job)
+        if not accepted:
+            message = f"target node {target.node!r} has not accepted instance {name!r}"
+            self._fail_prepared(name, message)
+            raise errors.MigrationError(f"{message} (call accept_instance)")
+        with self.store.locked():
+            now = self.clock()
+            rec = self.store.current(name, now)
+            mig = rec.migration if rec is not None else None
+            # (reading it just now saw the job: "active"; anything else ended it meanwhile)
+            if rec is None or mig is None or mig.token != token or mig.state != fjob.ACTIVE:
+                fjob.amend(path, now, abort_at=now)  # aborted or gone meanwhile
+                return path
+            mig.state, mig.live, mig.prev_status = fjob.ACTIVE, live, job.prev_status
+            mig.processed_bytes, mig.total_bytes = 0, job.total_bytes
             if not live and rec.status != fstore.PAUSED:
-                _freeze(rec, self.clock())
+                _freeze(rec, now)
             self.store.save(rec)
-        with _ACTIVE_GUARD:
-            _ACTIVE_TOKENS.add(token)
-        try:
-            self._transfer(instance, target, token, options)
-        except errors.MigrationAborted as exc:
-            self._end_source(name, token, "cancelled", exc.message)
-            raise
-        except errors.MigrationError as exc:
-            self._end_source(name, token, "failed", exc.message)
-            raise
-        except Exception as exc:
-            self._end_source(name, token, "failed", str(exc))
-            raise errors.MigrationError(f"migration of {name!r} failed: {exc}") from exc
-        finally:
-            with _ACTIVE_GUARD:
-                _ACTIVE_TOKENS.discard(token)
+        return path
 
-    def _transfer(
-        self,
-        instance: values.InstanceSpec,
-        target: values.MigrationTarget,
-        token: str,
-        options: values.MigrationOptions | None,
-    ) -> None:
-        name = instance.name
+    def _fail_prepared(self, name: str, message: str) -> None:
+        with self.store.locked():
+            rec = self.store.current(name, self.clock())
+            mig = rec.migration if rec is not None else None
+            if rec is not None and mig is not None and mig.state == "prepared":
+                mig.state, mig.message = fjob.FAILED, message
+                self.store.save(rec)
+
+    def _settle_target(self, target: values.MigrationTarget, name: str) -> None:
+        """Let the target's record follow the job now (its own reads would do it too)."""
         try:
             dst = fstore.Store(state_dir_from_uri(target.uri), create=False)
-        except errors.HypervisorUnavailable as exc:
-            raise errors.MigrationError(
-                f"cannot reach target node {target.node!r}: {exc.message}"
-            ) from exc
+        except errors.HypervisorError:
+            return
         with dst.locked():
-            _expect_incoming(dst.load(name), token, target.node, name)
-        with self.store.locked():
-            rec = self.store.load(name)
-            memory_mib = rec.memory_mib if rec is not None else instance.memory_max_mib
-        duration = fparams.as_float(instance.params, "migration_duration_s") or 0.0
-        if options is not None and options.bandwidth_mib_s:
-            duration = max(duration, memory_mib / options.bandwidth_mib_s)
-        fail_halfway = fparams.fails_at(instance.params, "migrate")
-        steps = self.TRANSFER_STEPS
-        for step in range(1, steps + 1):
-            if duration > 0:
-                time.sleep(duration / steps)
-            with self.store.locked():
-                rec = self.store.load(name)
-                if rec is None or rec.migration is None or rec.migration.token != token:
-                    raise errors.MigrationError(f"instance {name!r} vanished from the source")
-                if rec.migration.abort:
-                    raise errors.MigrationAborted(f"migration of {name!r} was aborted")
-                if fail_halfway and step > steps // 2:
-                    raise _fault("migrate", name)
-                rec.migration.processed_bytes = rec.migration.total_bytes * step // steps
-                self.store.save(rec)
-        # Hand over: the target copy runs, the source copy stops being an instance.
-        now = self.clock()
-        with self.store.locked():
-            src = self.store.load(name)
-            if src is None or src.migration is None or src.migration.token != token:
-                raise errors.MigrationError(f"instance {name!r} vanished from the source")
-            with dst.locked():
-                inc = dst.load(name)
-                _expect_incoming(inc, token, target.node, name)
-                assert inc is not None and inc.migration is not None
-                prev = src.migration.prev_status
-                inc.status = fstore.PAUSED if prev == fstore.PAUSED else fstore.RUNNING
-                inc.memory_mib, inc.boot_count = src.memory_mib, src.boot_count
-                inc.cpu_time_s, inc.crash_at = _cpu_time(src, now), src.crash_at
-                inc.running_since = now if inc.status == fstore.RUNNING else None
-                inc.migration.state = "completed"
-                inc.migration.processed_bytes = inc.migration.total_bytes
-                dst.save(inc)
-            src.status, src.running_since = fstore.MIGRATED, None
-            src.migration.state = "completed"
-            src.migration.processed_bytes = src.migration.total_bytes
-            self.store.save(src)
+            dst.current(name, self.clock())
 
-    def _end_source(self, name: str, token: str, state: str, message: str) -> None:
+    def get_migration_status(
+        self, instance: values.InstanceSpec, target: values.MigrationTarget | None = None
+    ) -> values.MigrationStatus:
+        name = instance.name
         with self.store.locked():
-            rec = self.store.load(name)
-            if rec is None or rec.migration is None or rec.migration.token != token:
-                return
-            rec.migration.state, rec.migration.message = state, message
-            _restore(rec, self.clock())
-            self.store.save(rec)
+            rec = self.store.current(name, self.clock())
+        mig = rec.migration if rec is not None else None
+        if rec is None or rec.status == fstore.MIGRATED:
+            return self._left(instance, target, mig)
+        if not rec.alive:
+            return values.MigrationStatus(
+                state=values.MigrationState.FAILED,
+                message=f"{name!r} is {rec.status} on the source node (not migrated)",
+            )
+        if mig is None or mig.role != "source" or mig.state == "prepared":
+            if name in self._starting:
+                return values.MigrationStatus(
+                    state=values.MigrationState.ACTIVE,
+                    memory_total_bytes=rec.memory_mib * MIB,
+                    memory_remaining_bytes=rec.memory_mib * MIB,
+                    message="the migration job is starting",
+                )
+            return values.MigrationStatus(
+                state=values.MigrationState.FAILED,
+                message=f"no migration job runs for {name!r}; it still runs on the source node",
+            )
+        return _status(mig)
 
-    def _is_transferring(self, mig: fstore.MigrationRecord) -> bool:
-        if mig.role != "source" or mig.state != "active":
-            return False
-        if mig.owner_pid == os.getpid():
-            with _ACTIVE_GUARD:
-                return mig.token in _ACTIVE_TOKENS
-        return psutil.pid_exists(mig.owner_pid)
-
-    def get_migration_status(self, instance: values.InstanceSpec) -> values.MigrationStatus:
-        with self.store.locked():
-            rec = self.store.current(instance.name, self.clock())
-        if rec is None or rec.migration is None or rec.migration.role != "source":
-            raise errors.MigrationError(f"no migration of {instance.name!r} from this node")
-        mig = rec.migration
-        state, message = _STATUS.get(mig.state, values.MigrationState.FAILED), mig.message
-        if mig.state == "active" and not self._is_transferring(mig):
-            state = values.MigrationState.FAILED
-            message = "the migration was interrupted (its source process went away)"
+    def _left(
+        self,
+        instance: values.InstanceSpec,
+        target: values.MigrationTarget | None,
+        mig: fstore.MigrationRecord | None,
+    ) -> values.MigrationStatus:
+        """The instance is no longer here: COMPLETED, confirmed on ``target`` if given."""
+        done = mig is not None and mig.state == fjob.COMPLETED
+        left = values.MigrationStatus(
+            state=values.MigrationState.COMPLETED,
+            memory_total_bytes=mig.total_bytes if done and mig else 0,
+            memory_processed_bytes=mig.total_bytes if done and mig else 0,
+            message=mig.message if done and mig else f"{instance.name!r} has left the source node",
+        )
+        if target is None:
+            return left
+        dst = fstore.Store(state_dir_from_uri(target.uri), create=False)
+        with dst.locked():
+            there = dst.current(instance.name, self.clock())
+        if there is not None and there.alive and there.uid == instance.uid:
+            return left
         return values.MigrationStatus(
-            state=state,
-            memory_total_bytes=mig.total_bytes,
-            memory_processed_bytes=mig.processed_bytes,
-            memory_remaining_bytes=max(0, mig.total_bytes - mig.processed_bytes),
-            message=message,
+            state=values.MigrationState.FAILED,
+            message=(
+                f"{instance.name!r} left the source node but is not on the target node "
+                f"{target.node}: it runs on neither node"
+            ),
         )
 
     def abort_migration(self, instance: values.InstanceSpec) -> None:
         with self.store.locked():
-            rec = self.store.current(instance.name, self.clock())
+            now = self.clock()
+            rec = self.store.current(instance.name, now)
             mig = rec.migration if rec is not None else None
             if rec is None or mig is None or mig.role != "source":
-                raise errors.MigrationError(f"no migration of {instance.name!r} to abort")
-            if mig.state == "completed":
-                raise errors.MigrationError(
-                    f"the migration of {instance.name!r} has already completed"
-                )
-            mig.abort = True
+                return  # no job: nothing to abort (get_migration_status tells the outcome)
             if mig.state == "prepared":
-                mig.state, mig.message = "cancelled", "aborted before the transfer started"
-            self.store.save(rec)
+                mig.state, mig.message = fjob.CANCELLED, "aborted before the transfer started"
+                self.store.save(rec)
+            elif mig.state == fjob.ACTIVE:
+                fjob.amend(mig.job_path, now, abort_at=now)  # too late if it has ended
+                self.store.current(instance.name, self.clock())
 
     def finalize_migration_source(
         self, instance: values.InstanceSpec, success: bool, live: bool
     ) -> None:
+        name = instance.name
         with self.store.locked():
-            rec = self.store.load(instance.name)
-            if rec is None or rec.migration is None or rec.migration.role != "source":
-                return  # nothing (left) to finalize: idempotent
+            rec = self.store.current(name, self.clock())
+            if rec is None:
+                if success:
+                    return  # nothing (left) to finalize: idempotent
+                raise _gone_from_source(name)
+            mig = rec.migration
+            moved = rec.status == fstore.MIGRATED
             if not success:
-                _restore(rec, self.clock())
-                rec.migration = None
+                if moved or not rec.alive:
+                    raise _gone_from_source(name)
+                if mig is not None and mig.role == "source" and mig.state == fjob.ACTIVE:
+                    raise errors.MigrationError(
+                        f"the migration of {name!r} is still running: abort it first"
+                    )
+                fstore.restore(rec, self.clock())
                 self.store.save(rec)
                 return
-            if fparams.fails_at(instance.params, "finalize_source"):
-                raise _fault("finalize_source", instance.name)
-            if rec.migration.state != "completed":
+            if not moved:
+                state = mig.state if mig is not None else "not started"
                 raise errors.MigrationError(
-                    f"cannot finalize the migration of {instance.name!r}: it is "
-                    f"{rec.migration.state}, not completed"
+                    f"refusing to remove {name!r} from the source node: its migration has not "
+                    f"completed ({state}) and the instance still runs here"
                 )
-            self.store.remove(instance.name)
+            if fparams.fails_at(instance.params, "finalize_source"):
+                raise _fault("finalize_source", name)
+            self.store.remove(name)
 
     # --- target side ---------------------------------------------------------------------
 
@@ -322,18 +375,26 @@ class FakeMigration:
                     raise errors.InstanceAlreadyRunning(instance.name)
                 self.store.remove(instance.name)
             memory = int(blob["memory_mib"])
-            free = self._free_mib(now)
-            if memory > free:
-                raise errors.InsufficientMemory(instance.name, memory, free)
+            low = int(blob.get("memory_min_mib", instance.memory_min_mib))
+            high = int(blob.get("memory_max_mib", instance.memory_max_mib))
+            # The startup-memory rule: the minimum must fit; reserve what fits, up to what
+            # the guest has now (the source balloons it down before the transfer).
+            fits = base.startup_memory(
+                values.InstanceSpec(
+                    name=instance.name, uid=instance.uid, memory_min_mib=low, memory_max_mib=high
+                ),
+                self._free_mib(now),
+            )
+            reserve = max(low, min(memory, fits))
             self.store.save(
                 fstore.Record(
                     name=instance.name,
                     uid=str(blob.get("uid", instance.uid)),
                     id=self._new_id(),
                     status=fstore.INCOMING,
-                    memory_mib=memory,
-                    memory_min_mib=int(blob.get("memory_min_mib", instance.memory_min_mib)),
-                    memory_max_mib=int(blob.get("memory_max_mib", instance.memory_max_mib)),
+                    memory_mib=reserve,
+                    memory_min_mib=low,
+                    memory_max_mib=high,
                     vcpus=int(blob.get("vcpus", instance.vcpus)),
                     params=dict(blob.get("params", {})),
                     boot_count=int(blob.get("boot_count", 1)),
@@ -342,6 +403,7 @@ class FakeMigration:
                         role="target",
                         total_bytes=memory * MIB,
                         peer_node=str(blob.get("source_node", "")),
+                        job_path=str(blob.get("job_path", "")),
                     ),
                 )
             )
@@ -351,38 +413,53 @@ class FakeMigration:
     ) -> None:
         token = _parse_blob(info, instance.name)["token"]
         with self.store.locked():
-            rec = self.store.load(instance.name)
-            ours = (
-                rec is not None
-                and rec.migration is not None
-                and rec.migration.role == "target"
-                and rec.migration.token == token
-            )
-            if not ours or rec is None or rec.migration is None:
+            now = self.clock()
+            rec = self.store.current(instance.name, now)
+            mig = rec.migration if rec is not None else None
+            ours = mig is not None and mig.role == "target" and mig.token == token
+            if rec is None or mig is None or not ours:
                 if success:
                     raise errors.MigrationError(
-                        f"no accepted migration of {instance.name!r} on this node"
+                        f"{instance.name!r} did not arrive on this node after a migration "
+                        "reported as successful"
                     )
                 return
             if not success:
+                if rec.status != fstore.INCOMING and mig.state == fjob.COMPLETED:
+                    raise errors.MigrationCompleted(instance.name, self.config.node_name)
+                if mig.state == fjob.ACTIVE:  # the source copy stays: the transfer fails
+                    fjob.amend(mig.job_path, now, target_gone_at=now)
+                    if self.store.current(instance.name, self.clock()) is not None:
+                        raise errors.MigrationCompleted(instance.name, self.config.node_name)
                 self.store.remove(instance.name)
                 return
-            if fparams.fails_at(instance.params, "finalize_dst"):
-                self.store.remove(instance.name)
-                raise _fault("finalize_dst", instance.name)
-            if rec.migration.state != "completed":
+            if mig.state != fjob.COMPLETED:
                 raise errors.MigrationError(
                     f"cannot keep {instance.name!r}: its memory transfer has not completed"
                 )
+            if fparams.fails_at(instance.params, "finalize_dst"):
+                raise _fault("finalize_dst", instance.name)
             rec.migration = None
             self.store.save(rec)
 
 
-def _expect_incoming(rec: fstore.Record | None, token: str, node: str, name: str) -> None:
-    if rec is None or rec.migration is None or rec.migration.token != token:
-        raise errors.MigrationError(
-            f"target node {node!r} has not accepted instance {name!r} (call accept_instance)"
-        )
+def _status(mig: fstore.MigrationRecord) -> values.MigrationStatus:
+    state = _STATUS.get(mig.state, values.MigrationState.FAILED)
+    processed = mig.total_bytes if state is values.MigrationState.COMPLETED else mig.processed_bytes
+    return values.MigrationStatus(
+        state=state,
+        memory_total_bytes=mig.total_bytes,
+        memory_processed_bytes=processed,
+        memory_remaining_bytes=max(0, mig.total_bytes - processed),
+        message=mig.message,
+    )
+
+
+def _gone_from_source(name: str) -> errors.MigrationError:
+    return errors.MigrationError(
+        f"after the migration {name!r} no longer runs on the source node; it must not be "
+        "started here again unless it runs nowhere"
+    )
 
 
 def _cpu_time(rec: fstore.Record, now: float) -> float:
@@ -392,13 +469,3 @@ def _cpu_time(rec: fstore.Record, now: float) -> float:
 
 def _freeze(rec: fstore.Record, now: float) -> None:
     rec.cpu_time_s, rec.running_since, rec.status = _cpu_time(rec, now), None, fstore.PAUSED
-
-
-def _restore(rec: fstore.Record, now: float) -> None:
-    """Put a source instance back as it was before its migration started."""
-    if rec.migration is None:
-        return
-    prev = fstore.PAUSED if rec.migration.prev_status == fstore.PAUSED else fstore.RUNNING
-    if rec.status in (fstore.MIGRATED, fstore.PAUSED, fstore.RUNNING) and rec.status != prev:
-        rec.status = prev
-        rec.running_since = now if prev == fstore.RUNNING else None

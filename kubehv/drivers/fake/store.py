@@ -5,6 +5,7 @@ restarts and across processes (several agents, a test poking at a node), so its 
 in files, as in Ganeti's fake hypervisor, not in memory. Layout of a state directory::
 
     <state_dir>/instances/<name>.json   one record per instance (running, paused, ...)
+    <state_dir>/migrations/<token>.json the migration jobs started here (see ``job``)
     <state_dir>/foreign/<name>          instances "running" here that kubehv did not create
     <state_dir>/verify_fail             if present, its text is a verify() problem
     <state_dir>/.lock                   flock taken around every read-modify-write
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from kubehv.drivers import errors
+from kubehv.drivers.fake import job
 
 # Record.status values. Only the first four are visible as instances; "incoming" is a
 # target's reservation during a migration, "migrated" a source's copy that has moved away.
@@ -41,7 +43,9 @@ ALIVE = (RUNNING, PAUSED, SHUTTING_DOWN)
 
 @dataclasses.dataclass
 class MigrationRecord:
-    """One migration as one side sees it; persisted so status survives a restart."""
+    """One migration as one side sees it. Its truth is the job file at ``job_path``
+    (:mod:`kubehv.drivers.fake.job`), which exists once the transfer has started; this is
+    each side's copy, brought up to date by :meth:`Store.current` on every read."""
 
     token: str
     role: str  # "source" or "target"
@@ -49,11 +53,10 @@ class MigrationRecord:
     total_bytes: int = 0
     processed_bytes: int = 0
     message: str = ""
-    owner_pid: int = 0
-    abort: bool = False
     live: bool = True
     prev_status: str = RUNNING
     peer_node: str = ""
+    job_path: str = ""
 
 
 @dataclasses.dataclass
@@ -94,7 +97,8 @@ class Record:
         mig = data.pop("migration", None)
         rec = cls(**data)
         if mig is not None:
-            rec.migration = MigrationRecord(**mig)
+            known = {f.name for f in dataclasses.fields(MigrationRecord)}
+            rec.migration = MigrationRecord(**{k: v for k, v in mig.items() if k in known})
         return rec
 
 
@@ -217,7 +221,8 @@ class Store:
         """Load a record and apply what time did to it; call with :meth:`locked` held.
 
         A graceful stop whose delay has passed removes the record (the instance is off); an
-        instance past its ``crash_at`` time becomes ``crashed``.
+        instance past its ``crash_at`` time becomes ``crashed``; a migration whose job has
+        ended turns the record into what the job came to (:func:`settle`).
         """
         rec = self.load(name)
         if rec is None:
@@ -229,16 +234,88 @@ class Store:
             and rec.off_at is not None
             and rec.off_at <= now
         ):
+            source_gone(rec, rec.off_at, "the instance shut down on the source node")
             self.remove(name)
             return None
         if rec.alive and rec.crash_at is not None and rec.crash_at <= now:
             crash(rec, rec.crash_at, "crashed: crash_after_s elapsed")
             self.save(rec)
+        return self.settle(rec, now)
+
+    def settle(self, rec: Record, now: float) -> Record | None:
+        """Bring ``rec``'s migration up to date with its job; None if the record went away.
+
+        Source: completed -> a ``migrated`` leftover (not an instance); failed or cancelled ->
+        the instance as it was before. Target: completed -> the instance runs (or stays
+        paused) here since the job's end; failed or cancelled -> the incoming copy is gone,
+        as libvirt destroys an incoming domain whose migration did not complete.
+        """
+        mig = rec.migration
+        if mig is None or not mig.job_path or mig.state in job.TERMINAL:
+            return rec
+        got = job.read(mig.job_path, now)
+        if got is None:
+            return rec  # the transfer has not started: nothing happened yet
+        record, result = got
+        if result.state == job.ACTIVE:
+            mig.state, mig.processed_bytes = job.ACTIVE, result.processed_bytes
+            return rec
+        mig.state, mig.message = result.state, result.message
+        mig.processed_bytes = result.processed_bytes
+        if mig.role == "target":
+            if result.state != job.COMPLETED:
+                self.remove(rec.name)
+                return None
+            arrive(rec, record)
+        elif result.state == job.COMPLETED:
+            rec.status, rec.running_since = MIGRATED, None
+        else:
+            restore(rec, now)
+        self.save(rec)
         return rec
 
 
 def crash(rec: Record, when: float, reason: str) -> None:
     """Turn a live record into a crashed one (it stops holding memory)."""
+    source_gone(rec, when, "the instance crashed on the source node")
     if rec.running_since is not None:
         rec.cpu_time_s += max(0.0, when - rec.running_since)
     rec.status, rec.running_since, rec.off_at, rec.crash_reason = CRASHED, None, None, reason
+
+
+def source_gone(rec: Record, when: float, why: str) -> None:
+    """Tell a running migration job that its source copy stopped (it then fails)."""
+    mig = rec.migration
+    if mig is not None and mig.role == "source" and mig.job_path and rec.alive:
+        job.amend(mig.job_path, when, source_gone_at=when, source_gone_why=why)
+
+
+def arrive(rec: Record, record: job.Job) -> None:
+    """The incoming copy becomes the instance, as it was on the source at the start."""
+    rec.status = PAUSED if record.prev_status == PAUSED else RUNNING
+    rec.memory_mib, rec.boot_count, rec.crash_at = record.memory_mib, record.boot_count, None
+    rec.cpu_time_s = record.cpu_time_s
+    rec.running_since = record.end if rec.status == RUNNING else None
+    if record.crash_at is not None and record.crash_at > record.end:
+        rec.crash_at = record.crash_at
+
+
+def _cpu_time(rec: Record, now: float) -> float:
+    extra = now - rec.running_since if rec.running_since is not None else 0.0
+    return rec.cpu_time_s + max(0.0, extra)
+
+
+def restore(rec: Record, now: float) -> None:
+    """Put a source instance back as it was before its migration started.
+
+    Never a ``migrated`` leftover: that copy has left, bringing it back would run the
+    instance twice.
+    """
+    if rec.migration is None or not rec.alive:
+        return
+    prev = PAUSED if rec.migration.prev_status == PAUSED else RUNNING
+    if rec.status != prev:
+        if prev == RUNNING:
+            rec.status, rec.running_since = RUNNING, now
+        else:
+            rec.cpu_time_s, rec.running_since, rec.status = _cpu_time(rec, now), None, PAUSED

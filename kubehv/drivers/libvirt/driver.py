@@ -2,7 +2,9 @@
 
 Why this module exists: it maps each :class:`~kubehv.drivers.base.BaseHypervisor` method to
 libvirt calls on the node's connection, and nothing else -- the XML lives in ``domxml``,
-parameters in ``params``, migration in ``migration``, the connection in ``connection``.
+parameters in ``params``, migration in ``migration_steps`` (the contract's methods),
+``migration`` (the transfer) and ``outcome`` (what it came to), the connection in
+``connection``.
 
 Transient domains, on purpose. Instances are started with ``createXML`` and never defined:
 when a guest stops (shutdown, destroy, crash) its domain disappears, a node reboot leaves no
@@ -26,7 +28,7 @@ from typing import ClassVar
 import libvirt
 
 from kubehv.drivers import base, errors, values
-from kubehv.drivers.libvirt import connection, domxml, migration
+from kubehv.drivers.libvirt import connection, domxml, migration_steps, outcome
 from kubehv.drivers.libvirt import params as hvparams
 
 _STATES = {
@@ -41,7 +43,7 @@ _STATES = {
 }
 
 
-class LibvirtHypervisor(base.BaseHypervisor):
+class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
     """QEMU guests through libvirt, one connection per node (``DriverConfig.uri``)."""
 
     NAME: ClassVar[str] = "kvm"
@@ -66,7 +68,10 @@ class LibvirtHypervisor(base.BaseHypervisor):
         self.settings = hvparams.node_settings(config.params)
         hvparams.set_allowed_dirs(self.settings.allowed_dirs)
         self.conn = connection.Connection(config.uri)
-        self._migrations: dict[str, migration.Tracker] = {}
+        # Hints that only label what libvirt shows (see ``outcome.source_status``): names
+        # whose migrateToURI3 runs in this object, and names this object asked to abort.
+        self._starting: set[str] = set()
+        self._aborted: set[str] = set()
         self._lock = threading.Lock()
 
     @property
@@ -229,7 +234,6 @@ class LibvirtHypervisor(base.BaseHypervisor):
 
     def cleanup_instance(self, instance_name: str) -> None:
         with self.conn.translated(f"clean up {instance_name}"):
-            self._migrations.pop(instance_name, None)
             dom = self._lookup(instance_name)
             if dom is None or _active(dom) or self._tag(dom) is None:
                 return
@@ -270,12 +274,7 @@ class LibvirtHypervisor(base.BaseHypervisor):
                 dom.resume()
 
     def balloon_instance_memory(self, instance: values.InstanceSpec, mem_mib: int) -> None:
-        if not instance.memory_min_mib <= mem_mib <= instance.memory_max_mib:
-            raise errors.InvalidInstanceSpec(
-                f"cannot balloon {instance.name!r} to {mem_mib} MiB: it must stay between "
-                f"its minimum ({instance.memory_min_mib} MiB) and maximum "
-                f"({instance.memory_max_mib} MiB) memory"
-            )
+        base.check_balloon_memory(instance, mem_mib)
         with self.conn.translated(f"balloon {instance.name}"):
             dom = self._own(instance.name)
             dom.setMemoryFlags(mem_mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
@@ -384,127 +383,8 @@ class LibvirtHypervisor(base.BaseHypervisor):
             )
         return super().get_instance_console(instance)
 
-    # --- migration -----------------------------------------------------------------------
 
-    def migration_info(self, instance: values.InstanceSpec) -> str:
-        with self.conn.translated(f"prepare the migration of {instance.name}"):
-            return migration.migration_info(self._own(instance.name), instance, self.uri)
-
-    def accept_instance(self, instance: values.InstanceSpec, info: str, target: str) -> None:
-        """Target side: libvirt receives the guest itself (peer to peer); we check room."""
-        data = migration.parse_info(info)
-        if data.get("uid") not in (None, instance.uid):
-            raise errors.MigrationError(
-                f"migration info is for instance uid {data.get('uid')!r}, not {instance.uid!r}"
-            )
-        self.check_instance_spec(instance)
-        hvparams.check_instance_on_node(instance)
-        with self.conn.translated(f"accept {instance.name}"):
-            if self._lookup(instance.name) is not None:
-                raise errors.InstanceAlreadyRunning(instance.name)
-            free = self.get_node_info().memory_free_mib
-            if instance.memory_max_mib > free:
-                raise errors.InsufficientMemory(instance.name, instance.memory_max_mib, free)
-
-    def migrate_instance(
-        self,
-        instance: values.InstanceSpec,
-        target: values.MigrationTarget,
-        live: bool,
-        options: values.MigrationOptions | None = None,
-    ) -> None:
-        params = hvparams.instance_params(instance)
-        options = options or values.MigrationOptions()
-        bandwidth = options.bandwidth_mib_s
-        if bandwidth is None:
-            bandwidth = int(params["migration_bandwidth_mib_s"])
-        downtime = options.max_downtime_ms
-        if downtime is None:
-            downtime = int(params["migration_downtime_ms"])
-        with self.conn.translated(f"migrate {instance.name}"):
-            uuid = self._own(instance.name).UUIDString()
-            tracker = migration.Tracker()
-            self._migrations[instance.name] = tracker
-            with self.conn.dedicated() as private:
-                migration.migrate(
-                    private.lookupByUUIDString(uuid),
-                    target,
-                    live=live,
-                    bandwidth_mib_s=bandwidth,
-                    downtime_ms=downtime,
-                    tracker=tracker,
-                )
-
-    def get_migration_status(self, instance: values.InstanceSpec) -> values.MigrationStatus:
-        tracker = self._migrations.get(instance.name)
-        with self.conn.translated(f"read the migration status of {instance.name}"):
-            dom = self._lookup(instance.name)
-            return migration.status(dom, tracker)
-
-    def abort_migration(self, instance: values.InstanceSpec) -> None:
-        with self.conn.translated(f"abort the migration of {instance.name}"):
-            dom = self._lookup(instance.name)
-            if dom is None:
-                return
-            migration.abort(dom, self._migrations.get(instance.name))
-
-    def finalize_migration_dst(
-        self, instance: values.InstanceSpec, info: str, success: bool
-    ) -> None:
-        with self.conn.translated(f"finish receiving {instance.name}"):
-            dom = self._lookup(instance.name)
-            tag = self._tag(dom) if dom is not None else None
-            if dom is None or tag is None or tag.uid != instance.uid:
-                if success:
-                    raise errors.MigrationError(
-                        f"{instance.name!r} did not arrive on this node after a migration "
-                        "reported as successful"
-                    )
-                return
-            if success:
-                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                    dom.resume()
-                return
-            # Failed: whatever half-arrived here must not run next to the source's guest.
-            with contextlib.suppress(libvirt.libvirtError):
-                if _active(dom):
-                    dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isPersistent():
-                    dom.undefine()
-
-    def finalize_migration_source(
-        self, instance: values.InstanceSpec, success: bool, live: bool
-    ) -> None:
-        with self.conn.translated(f"finish sending {instance.name}"):
-            dom = self._lookup(instance.name)
-            tag = self._tag(dom) if dom is not None else None
-            ours = dom is not None and tag is not None and tag.uid == instance.uid
-            if success:
-                if ours and dom is not None:  # never let it run on both nodes
-                    with contextlib.suppress(libvirt.libvirtError):
-                        if _active(dom):
-                            dom.destroy()
-                    with contextlib.suppress(libvirt.libvirtError):
-                        if dom.isPersistent():
-                            dom.undefine()
-                return
-            if not ours or dom is None or not _active(dom):
-                raise errors.MigrationError(
-                    f"after a failed migration {instance.name!r} no longer runs on the source "
-                    "node; it must be started again"
-                )
-            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                dom.resume()  # a non-live attempt paused it
-
-
-def _active(dom: libvirt.virDomain) -> bool:
-    """Whether the domain runs (has a QEMU process), from ``state()``.
-
-    Not ``isActive()``: measured on libvirt 9.0, isActive() and maxMemory() on a domain that
-    is migrating out wait until the migration job ends, which would freeze progress polling.
-    """
-    return bool(dom.state()[0] != libvirt.VIR_DOMAIN_SHUTOFF)
+_active = outcome.is_active
 
 
 def _alive(dom: libvirt.virDomain) -> bool:

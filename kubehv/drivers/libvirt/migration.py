@@ -12,13 +12,13 @@ easy to get subtly wrong, so they live in one place:
   resumes it; ``ABORT_ON_ERROR`` stops on I/O errors instead of hanging;
 * bandwidth goes in the migrateToURI3 parameters; max downtime can only be set while the
   job runs, so a helper thread sets it once the job appears;
-* progress comes from ``jobStats()`` on the source; abort is ``abortJob()``.
+* abort is ``abortJob()``; what a migration came to is read from libvirt, not from the
+  thread that called ``migrateToURI3`` (see :mod:`kubehv.drivers.libvirt.outcome`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import threading
@@ -58,16 +58,6 @@ def parse_info(info: str) -> dict[str, object]:
     return data
 
 
-@dataclasses.dataclass
-class Tracker:
-    """What the driver remembers about the last migration of one instance (source side)."""
-
-    state: values.MigrationState = values.MigrationState.ACTIVE
-    aborted: bool = False
-    message: str = ""
-    last: values.MigrationStatus | None = None
-
-
 def flags_for(live: bool) -> int:
     flags: int = libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
     if live:
@@ -101,9 +91,12 @@ def migrate(
     live: bool,
     bandwidth_mib_s: int,
     downtime_ms: int,
-    tracker: Tracker,
 ) -> None:
-    """Run the migration; blocks until done. Raises MigrationError / MigrationAborted."""
+    """Run the migration; blocks until done. Raises MigrationError / MigrationAborted.
+
+    The job runs in the source libvirtd (peer to peer): if this thread or its process goes
+    away, libvirtd carries on; the outcome is read by :mod:`kubehv.drivers.libvirt.outcome`.
+    """
     if not target.uri:
         raise errors.MigrationError(
             f"migration target {target.node!r} has no libvirt URI; the kvm driver migrates "
@@ -122,81 +115,35 @@ def migrate(
     try:
         dom.migrateToURI3(target.uri, params_for(target, bandwidth_mib_s), flags_for(live))
     except libvirt.libvirtError as exc:
-        aborted = tracker.aborted or exc.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED
-        tracker.state = values.MigrationState.CANCELLED if aborted else values.MigrationState.FAILED
-        tracker.message = connection.error_text(exc)
+        if connection.is_connection_error(exc):
+            raise
+        text = connection.error_text(exc)
+        aborted = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED
         cls = errors.MigrationAborted if aborted else errors.MigrationError
         raise cls(
             f"migration of {dom.name()!r} to {target.node} ({target.uri}) "
-            f"{'was aborted' if aborted else 'failed'}: {tracker.message}; the instance "
+            f"{'was aborted' if aborted else 'failed'}: {text}; the instance "
             "stays on the source node"
         ) from exc
     finally:
         done.set()
         if helper is not None:
             helper.join(timeout=5)
-    tracker.state = values.MigrationState.COMPLETED
-    tracker.message = f"migrated to {target.node}"
 
 
-def status(dom: libvirt.virDomain | None, tracker: Tracker | None) -> values.MigrationStatus:
-    """Progress as the source sees it: the live job if there is one, else what we recorded.
-
-    Raises :class:`errors.MigrationError` when there is nothing to report (no migration
-    known, or the job has not shown up in libvirt yet).
-    """
-    if dom is not None and (tracker is None or tracker.state is values.MigrationState.ACTIVE):
-        with contextlib.suppress(libvirt.libvirtError):  # e.g. the domain just left
-            current = _live_status(dom)
-            if current is not None:
-                if tracker is not None:
-                    tracker.last = current
-                return current
-    if tracker is None:
-        raise errors.MigrationError("no migration of this instance is known on this node")
-    last = tracker.last
-    if tracker.state is values.MigrationState.ACTIVE and last is None:
-        raise errors.MigrationError("the migration job is not visible yet")
-    if tracker.state is values.MigrationState.COMPLETED and last is not None:
-        return dataclasses.replace(
-            last,
-            state=values.MigrationState.COMPLETED,
-            memory_remaining_bytes=0,
-            memory_processed_bytes=max(last.memory_processed_bytes, last.memory_total_bytes),
-            message=tracker.message,
-        )
-    if last is not None:
-        return dataclasses.replace(last, state=tracker.state, message=tracker.message)
-    return values.MigrationStatus(state=tracker.state, message=tracker.message)
-
-
-def abort(dom: libvirt.virDomain, tracker: Tracker | None) -> None:
-    if tracker is not None:
-        tracker.aborted = True
+def abort(dom: libvirt.virDomain) -> None:
+    """Ask libvirtd to cancel the domain's job; "no job" (finished, never began) is fine."""
     try:
         dom.abortJob()
     except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # no job: nothing to do
-            raise errors.MigrationError(
-                f"cannot abort the migration of {dom.name()!r}: {connection.error_text(exc)}"
-            ) from exc
-
-
-def _live_status(dom: libvirt.virDomain) -> values.MigrationStatus | None:
-    """The running job's figures from ``jobStats()``, or None when no job runs."""
-    stats = dom.jobStats(0)
-    job_type = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
-    if job_type not in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
-        return None
-    total = int(stats.get("memory_total", 0))
-    remaining = int(stats.get("memory_remaining", 0))
-    if total == 0:  # still setting up: nothing sent, all of the guest's memory to go
-        # (info(), not maxMemory(): the latter waits for the migration job to end)
-        total = remaining = int(dom.info()[1]) * 1024
-    return values.MigrationStatus(
-        state=values.MigrationState.ACTIVE,
-        memory_total_bytes=total,
-        memory_processed_bytes=int(stats.get("memory_processed", 0)),
-        memory_remaining_bytes=remaining,
-        message=f"elapsed {int(stats.get('time_elapsed', 0))} ms",
-    )
+        if connection.is_connection_error(exc):
+            raise
+        if exc.get_error_code() in (
+            libvirt.VIR_ERR_OPERATION_INVALID,  # no job (finished, failed, never began)
+            libvirt.VIR_ERR_NO_DOMAIN,  # the domain left (migrated away)
+            libvirt.VIR_ERR_NO_SUPPORT,  # a driver without jobs (test:///) has none to abort
+        ):
+            return  # get_migration_status tells what happened
+        raise errors.MigrationError(
+            f"cannot abort the migration of {dom.name()!r}: {connection.error_text(exc)}"
+        ) from exc
