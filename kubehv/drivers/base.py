@@ -160,7 +160,9 @@ class BaseHypervisor(abc.ABC):
         The transfer belongs to the hypervisor, not to the calling thread: if the caller
         dies (agent killed, driver object dropped, connection closed) the hypervisor's job
         goes on to success or failure on its own, as libvirtd's does. Its outcome is then
-        read with :meth:`get_migration_status` from any driver object.
+        read with :meth:`get_migration_status` from any driver object. For the same reason,
+        :class:`errors.HypervisorUnavailable` from this call (this agent lost its own
+        connection) means "outcome unknown here", never "failed": read the status.
         """
         raise errors.NotSupported(f"the {self.NAME} hypervisor cannot migrate instances")
 

@@ -342,7 +342,12 @@ def test_live_migration_between_nodes(guests: Guests, node_hosts: list[Host]) ->
     assert max(s.memory_processed_bytes for s in active) > 0, watcher.raw
     assert all(s.memory_total_bytes >= 96 * MIB for s in active)
     assert 750 in watcher.downtimes  # the max-downtime knob reached the running job
-    assert values.InstanceState.PAUSED not in watcher.states[:-1]  # live: it kept running
+    # live: it kept running until the switch-over, whose brief pause may be sampled more
+    # than once on a loaded machine (a trailing run of PAUSED)
+    before_switch = list(watcher.states)
+    while before_switch and before_switch[-1] is values.InstanceState.PAUSED:
+        before_switch.pop()
+    assert values.InstanceState.PAUSED not in before_switch, watcher.states
     assert spec.name in b.virsh_names()
     assert spec.name not in a.virsh_names()
     _still_alive(b, spec.name, guests.guest)

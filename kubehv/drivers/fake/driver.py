@@ -3,7 +3,8 @@
 Why this module exists: the operator's tests (hundreds of instances, three nodes, injected
 failures, agents killed and restarted) need a driver that honours the whole contract,
 persists like a real hypervisor and fails on command, without QEMU. Lifecycle and inventory
-live here; migration lives in :mod:`kubehv.drivers.fake.migration`; the files in
+live here; migration lives in :mod:`kubehv.drivers.fake.migration` (source, transfer)
+and :mod:`kubehv.drivers.fake.migration_target` (target); the files in
 :mod:`kubehv.drivers.fake.store`. See docs/drivers.md ("The fake driver") for the knobs.
 
 The node: ``DriverConfig.state_dir`` (or ``uri = fake:///<dir>``) is its state directory;
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from kubehv.drivers import base, errors, parameters, values
-from kubehv.drivers.fake import migration, store
+from kubehv.drivers.fake import migration, migration_target, store
 from kubehv.drivers.fake import params as fparams
 
 _STATES = {
@@ -31,7 +32,9 @@ _STATES = {
 }
 
 
-class FakeHypervisor(migration.FakeMigration, base.BaseHypervisor):
+class FakeHypervisor(
+    migration.FakeMigration, migration_target.FakeMigrationTarget, base.BaseHypervisor
+):
     """Ganeti's fake hypervisor, with persistence, migration and fault injection."""
 
     NAME: ClassVar[str] = "fake"

@@ -152,17 +152,7 @@ def create(path: str, job: Job) -> None:
 
 def read(path: str, now: float) -> tuple[Job, Outcome] | None:
     """The job and its outcome at ``now``; a terminal outcome is recorded for good."""
-    if not os.path.exists(path):
-        return None
-    with _locked(path):
-        job = _load(path)
-        if job is None:
-            return None
-        result = decide(job, now)
-        if result.state in TERMINAL and job.outcome not in TERMINAL:
-            job.outcome, job.ended_at, job.message = result.state, result.at, result.message
-            _save(path, job)
-    return job, result
+    return _update(path, now, {})
 
 
 def amend(path: str, now: float, **event: float | str) -> Outcome | None:
@@ -171,18 +161,27 @@ def amend(path: str, now: float, **event: float | str) -> Outcome | None:
     Returns the outcome after the amendment (None: no such job). An event for a job that has
     already ended is not recorded: it came too late to change anything.
     """
+    got = _update(path, now, event)
+    return got[1] if got is not None else None
+
+
+def _update(path: str, now: float, event: dict[str, float | str]) -> tuple[Job, Outcome] | None:
     if not os.path.exists(path):
         return None
     with _locked(path):
         job = _load(path)
         if job is None:
             return None
-        if decide(job, now).state == ACTIVE:
+        changed = False
+        if event and decide(job, now).state == ACTIVE:
             for key, value in event.items():
                 if getattr(job, key) in (None, ""):
                     setattr(job, key, value)
+                    changed = True
         result = decide(job, now)
         if result.state in TERMINAL and job.outcome not in TERMINAL:
             job.outcome, job.ended_at, job.message = result.state, result.at, result.message
-        _save(path, job)
-    return result
+            changed = True
+        if changed:
+            _save(path, job)
+    return job, result

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from kubehv.drivers import base, errors, values
+from kubehv.drivers import errors, values
 from kubehv.drivers.fake import job as fjob
 from kubehv.drivers.fake import params as fparams
 from kubehv.drivers.fake import store as fstore
@@ -63,11 +63,11 @@ def state_dir_from_uri(uri: str | None) -> str:
     return uri[len(URI_PREFIX) :]
 
 
-def _fault(step: str, name: str) -> errors.MigrationError:
+def fault(step: str, name: str) -> errors.MigrationError:
     return errors.MigrationError(f"migration of {name!r} failed at {step} (fake fault)")
 
 
-def _parse_blob(info: str, name: str) -> dict[str, Any]:
+def parse_blob(info: str, name: str) -> dict[str, Any]:
     try:
         blob = json.loads(info)
     except ValueError as exc:
@@ -97,7 +97,7 @@ class FakeMigration:
 
     def migration_info(self, instance: values.InstanceSpec) -> str:
         if fparams.fails_at(instance.params, "migration_info"):
-            raise _fault("migration_info", instance.name)
+            raise fault("migration_info", instance.name)
         with self.store.locked():
             rec = self.store.current(instance.name, self.clock())
             if rec is None or not rec.alive:
@@ -153,12 +153,14 @@ class FakeMigration:
                 break
             time.sleep(min(self.POLL_S, max(0.0, record.end - self.clock())) or self.POLL_S)
         with self.store.locked():
-            self.store.current(name, self.clock())  # apply the outcome to the source record
+            rec = self.store.current(name, self.clock())  # apply the outcome to the record
         self._settle_target(target, name)
         if result.state == fjob.COMPLETED:
             return
+        stays = rec is not None and rec.alive
+        where = "stays on the source node" if stays else "no longer runs on the source node"
         cls = errors.MigrationAborted if result.state == fjob.CANCELLED else errors.MigrationError
-        raise cls(f"{result.message}; the instance stays on the source node")
+        raise cls(f"{result.message}; the instance {where}")
 
     def _start_job(
         self,
@@ -356,91 +358,8 @@ class FakeMigration:
                     f"completed ({state}) and the instance still runs here"
                 )
             if fparams.fails_at(instance.params, "finalize_source"):
-                raise _fault("finalize_source", name)
+                raise fault("finalize_source", name)
             self.store.remove(name)
-
-    # --- target side ---------------------------------------------------------------------
-
-    def accept_instance(self, instance: values.InstanceSpec, info: str, target: str) -> None:
-        if fparams.fails_at(instance.params, "accept"):
-            raise _fault("accept", instance.name)
-        blob = _parse_blob(info, instance.name)
-        with self.store.locked():
-            now = self.clock()
-            old = self.store.current(instance.name, now)
-            if old is not None:
-                if old.migration is not None and old.migration.token == blob["token"]:
-                    return  # accepted already
-                if old.alive or old.status == fstore.INCOMING:
-                    raise errors.InstanceAlreadyRunning(instance.name)
-                self.store.remove(instance.name)
-            memory = int(blob["memory_mib"])
-            low = int(blob.get("memory_min_mib", instance.memory_min_mib))
-            high = int(blob.get("memory_max_mib", instance.memory_max_mib))
-            # The startup-memory rule: the minimum must fit; reserve what fits, up to what
-            # the guest has now (the source balloons it down before the transfer).
-            fits = base.startup_memory(
-                values.InstanceSpec(
-                    name=instance.name, uid=instance.uid, memory_min_mib=low, memory_max_mib=high
-                ),
-                self._free_mib(now),
-            )
-            reserve = max(low, min(memory, fits))
-            self.store.save(
-                fstore.Record(
-                    name=instance.name,
-                    uid=str(blob.get("uid", instance.uid)),
-                    id=self._new_id(),
-                    status=fstore.INCOMING,
-                    memory_mib=reserve,
-                    memory_min_mib=low,
-                    memory_max_mib=high,
-                    vcpus=int(blob.get("vcpus", instance.vcpus)),
-                    params=dict(blob.get("params", {})),
-                    boot_count=int(blob.get("boot_count", 1)),
-                    migration=fstore.MigrationRecord(
-                        token=str(blob["token"]),
-                        role="target",
-                        total_bytes=memory * MIB,
-                        peer_node=str(blob.get("source_node", "")),
-                        job_path=str(blob.get("job_path", "")),
-                    ),
-                )
-            )
-
-    def finalize_migration_dst(
-        self, instance: values.InstanceSpec, info: str, success: bool
-    ) -> None:
-        token = _parse_blob(info, instance.name)["token"]
-        with self.store.locked():
-            now = self.clock()
-            rec = self.store.current(instance.name, now)
-            mig = rec.migration if rec is not None else None
-            ours = mig is not None and mig.role == "target" and mig.token == token
-            if rec is None or mig is None or not ours:
-                if success:
-                    raise errors.MigrationError(
-                        f"{instance.name!r} did not arrive on this node after a migration "
-                        "reported as successful"
-                    )
-                return
-            if not success:
-                if rec.status != fstore.INCOMING and mig.state == fjob.COMPLETED:
-                    raise errors.MigrationCompleted(instance.name, self.config.node_name)
-                if mig.state == fjob.ACTIVE:  # the source copy stays: the transfer fails
-                    fjob.amend(mig.job_path, now, target_gone_at=now)
-                    if self.store.current(instance.name, self.clock()) is not None:
-                        raise errors.MigrationCompleted(instance.name, self.config.node_name)
-                self.store.remove(instance.name)
-                return
-            if mig.state != fjob.COMPLETED:
-                raise errors.MigrationError(
-                    f"cannot keep {instance.name!r}: its memory transfer has not completed"
-                )
-            if fparams.fails_at(instance.params, "finalize_dst"):
-                raise _fault("finalize_dst", instance.name)
-            rec.migration = None
-            self.store.save(rec)
 
 
 def _status(mig: fstore.MigrationRecord) -> values.MigrationStatus:

@@ -57,6 +57,7 @@ class MigrationRecord:
     prev_status: str = RUNNING
     peer_node: str = ""
     job_path: str = ""
+    faulted: bool = False  # a one-shot fault knob (fail_migration_at) has fired
 
 
 @dataclasses.dataclass

@@ -115,8 +115,8 @@ def migrate(
     try:
         dom.migrateToURI3(target.uri, params_for(target, bandwidth_mib_s), flags_for(live))
     except libvirt.libvirtError as exc:
-        if connection.is_connection_error(exc):
-            raise
+        if connection.is_connection_error(exc) and not _alive(dom):
+            raise  # OUR connection died: the job may go on; the caller reads the outcome
         text = connection.error_text(exc)
         aborted = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED
         cls = errors.MigrationAborted if aborted else errors.MigrationError
@@ -129,6 +129,14 @@ def migrate(
         done.set()
         if helper is not None:
             helper.join(timeout=5)
+
+
+def _alive(dom: libvirt.virDomain) -> bool:
+    """Whether the connection ``dom`` was looked up on still works."""
+    try:
+        return bool(dom.connect().isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def abort(dom: libvirt.virDomain) -> None:

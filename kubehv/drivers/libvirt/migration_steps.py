@@ -72,6 +72,22 @@ class MigrationSteps:
         live: bool,
         options: values.MigrationOptions | None = None,
     ) -> None:
+        with self._lock:
+            self._starting.add(instance.name)
+            self._aborted.discard(instance.name)
+        try:
+            self._migrate(instance, target, live, options)
+        finally:
+            with self._lock:
+                self._starting.discard(instance.name)
+
+    def _migrate(
+        self,
+        instance: values.InstanceSpec,
+        target: values.MigrationTarget,
+        live: bool,
+        options: values.MigrationOptions | None,
+    ) -> None:
         params = hvparams.instance_params(instance)
         options = options or values.MigrationOptions()
         bandwidth = options.bandwidth_mib_s
@@ -82,21 +98,14 @@ class MigrationSteps:
             downtime = int(params["migration_downtime_ms"])
         with self.conn.translated(f"migrate {instance.name}"):
             uuid = self._own(instance.name).UUIDString()
-            with self._lock:
-                self._starting.add(instance.name)
-                self._aborted.discard(instance.name)
-            try:
-                with self.conn.dedicated() as private:
-                    migration.migrate(
-                        private.lookupByUUIDString(uuid),
-                        target,
-                        live=live,
-                        bandwidth_mib_s=bandwidth,
-                        downtime_ms=downtime,
-                    )
-            finally:
-                with self._lock:
-                    self._starting.discard(instance.name)
+            with self.conn.dedicated() as private:
+                migration.migrate(
+                    private.lookupByUUIDString(uuid),
+                    target,
+                    live=live,
+                    bandwidth_mib_s=bandwidth,
+                    downtime_ms=downtime,
+                )
 
     def get_migration_status(
         self, instance: values.InstanceSpec, target: values.MigrationTarget | None = None
@@ -139,18 +148,17 @@ class MigrationSteps:
                     )
                 return
             if success:
-                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                    dom.resume()
+                # libvirt resumed the copy itself (or left it paused because the source
+                # was paused: the instance keeps its state). Still incoming: too early.
+                if outcome.incoming(dom):
+                    raise errors.MigrationError(
+                        f"{instance.name!r} is still arriving on this node: its migration "
+                        "has not completed, so it cannot be kept yet"
+                    )
                 return
             if not outcome.incoming(dom):
                 raise errors.MigrationCompleted(instance.name, self.config.node_name)
-            # Still incoming: the source copy exists, this half-arrived one must not run.
-            with contextlib.suppress(libvirt.libvirtError):
-                if outcome.is_active(dom):
-                    dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isPersistent():
-                    dom.undefine()
+            _remove(dom)  # still incoming: the source copy exists, this one must not run
 
     def finalize_migration_source(
         self, instance: values.InstanceSpec, success: bool, live: bool
@@ -174,12 +182,7 @@ class MigrationSteps:
                         f"refusing to remove {instance.name!r} from the source node: its "
                         f"migration has not completed ({still.state.value}: {still.message})"
                     )
-                with contextlib.suppress(libvirt.libvirtError):
-                    if outcome.is_active(dom):
-                        dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isPersistent():
-                        dom.undefine()
+                _remove(dom)
                 return
             if not ours or dom is None or not outcome.is_active(dom):
                 raise errors.MigrationError(
@@ -188,3 +191,13 @@ class MigrationSteps:
                 )
             if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 dom.resume()  # a non-live attempt paused it
+
+
+def _remove(dom: libvirt.virDomain) -> None:
+    """Destroy (and undefine, if persistent) a domain that must not run here."""
+    with contextlib.suppress(libvirt.libvirtError):
+        if outcome.is_active(dom):
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isPersistent():
+            dom.undefine()

@@ -25,6 +25,7 @@ libvirtd finishes it (tests/drivers/test_libvirt_real.py prints how long it took
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import libvirt
@@ -108,9 +109,9 @@ def source_status(
     ended = _ENDED_JOBS.get(completed.get("type", libvirt.VIR_DOMAIN_JOB_NONE))
     if completed.get("operation") == _OUT and ended is values.MigrationState.COMPLETED:
         return None  # transferred; libvirt has not removed the paused source copy yet
-    if starting:
-        return values.MigrationStatus(
-            state=values.MigrationState.ACTIVE,
+    if starting:  # nothing sent yet: all of the guest's memory to go
+        return dataclasses.replace(
+            _active_status(dom, {}),
             message="the migration job is starting (not visible in libvirt yet)",
         )
     if aborted:
