@@ -2,17 +2,20 @@
 
 Why this path: the console lives on the node that runs the instance, so the command follows
 ``VirtualInstance.status.nodeName`` to that node's NodeHypervisor, whose
-``spec.connectionURI`` says how its hypervisor is reached, and attaches to the hypervisor's
-name of the instance (``<namespace>.<name>``, the name the agent gives the domain). Three
-ways, picked by ``--via`` (default ``auto``):
+``spec.connectionURI`` says how its hypervisor is reached from other nodes (the agent
+advertises e.g. ``qemu+tls://<node address>/system``), and attaches to the hypervisor's name
+of the instance (``<namespace>.<name>``, the name the agent gives the domain). Where to run
+``virsh``, by ``--via`` (default ``auto``):
 
-- ``direct``: ``virsh -c URI console DOMAIN`` from here. Right when the URI names a host
-  (``qemu+tcp://node/system``, ``qemu+tls://...``) or when this machine *is* the node (a
-  local URI such as ``qemu:///system``, and ``NODE_NAME`` or the hostname equal to the node);
+- on the node itself (``NODE_NAME`` or the hostname equal to the node): ``virsh`` here, on the
+  node's local URI (``qemu:///system``: the advertised one without transport and host);
 - ``pod``: ``kubectl exec -it`` into the kubehv agent pod on that node (it mounts the node's
-  libvirt socket) running the same ``virsh`` there. Right from a workstation when the URI is
-  local to the node: a local URI here would reach the workstation's own libvirtd;
-- ``auto``: ``direct`` when it can work, else ``pod``.
+  libvirt socket), ``virsh`` there on the local URI. Needs nothing but ``pods/exec``: no
+  libvirt TLS client certificate on the workstation, no route to the node;
+- ``direct``: ``virsh`` here on the advertised URI (needs a route to the node and, for
+  ``qemu+tls``, a libvirt client certificate);
+- ``auto``: on the node, locally; else through the agent pod; else (no agent pod, or no
+  right to list pods) directly when the advertised URI names a host.
 
 The command is exec'd so the terminal belongs to virsh (Ctrl-] leaves). A fake node has no
 console: the driver's message is printed. No password is ever printed.
@@ -72,10 +75,11 @@ def on_node(node: str) -> bool:
     return node in here
 
 
-def choose_via(via: str, uri: str, node: str) -> str:
-    if via != "auto":
-        return via
-    return "direct" if uri_host(uri) or on_node(node) else "pod"
+def local_uri(uri: str) -> str:
+    """The node-local form of a libvirt URI: ``qemu+tls://10.0.0.5/system`` -> ``qemu:///system``."""
+    parts = urllib.parse.urlsplit(uri)
+    driver = parts.scheme.split("+", 1)[0]
+    return f"{driver}://{parts.path or '/system'}"
 
 
 def hypervisor_uri(vi: api.VirtualInstance, nhv: api.NodeHypervisor) -> tuple[str, str]:
@@ -104,14 +108,14 @@ def agent_pod(k: kube.Kube, node: str, namespace: str, selector: str) -> str:
     return str(running[0].metadata.name)
 
 
-def in_agent_pod(args: argparse.Namespace, pod: str, command: list[str], tty: bool) -> list[str]:
-    """``kubectl exec`` of ``command`` in the agent pod, with this command's kubeconfig."""
+def in_agent_pod(args: argparse.Namespace, pod: str, command: list[str]) -> list[str]:
+    """``kubectl exec -it`` of ``command`` in the agent pod, with this command's kubeconfig."""
     argv = [os.environ.get("KUBECTL", "kubectl")]
     if getattr(args, "kubeconfig", None):
         argv.append(f"--kubeconfig={args.kubeconfig}")
     if getattr(args, "context", None):
         argv.append(f"--context={args.context}")
-    argv += ["exec", "-it" if tty else "-i", "-n", args.agent_namespace, pod]
+    argv += ["exec", "-it", "-n", args.agent_namespace, pod]
     return [*argv, "-c", AGENT_CONTAINER, "--", *command]
 
 
@@ -124,22 +128,33 @@ def console_argv(args: argparse.Namespace, k: kube.Kube) -> tuple[list[str], str
     uri, message = hypervisor_uri(vi, k.get_nhv(node))
     if message:
         return [], message
-    virsh = ["virsh", "-c", uri, "console", domain_name(vi)]
-    if choose_via(args.via, uri, node) == "direct":
-        return virsh, ""
-    pod = agent_pod(k, node, args.agent_namespace, args.agent_selector)
-    return in_agent_pod(args, pod, virsh, tty=True), ""
+
+    def virsh(at: str) -> list[str]:
+        return ["virsh", "-c", at, "console", domain_name(vi)]
+
+    here = on_node(node)
+    if args.via == "direct" or (args.via == "auto" and here):
+        return virsh(local_uri(uri) if here else uri), ""
+    try:
+        pod = agent_pod(k, node, args.agent_namespace, args.agent_selector)
+    except (LookupError, kube.ApiException) as exc:
+        if args.via == "auto" and uri_host(uri):
+            return virsh(uri), ""  # no agent pod to go through: the node's address, then
+        if isinstance(exc, kube.ApiException):
+            raise LookupError(
+                f"cannot find the agent pod on {node}: {kube.api_error(exc)}"
+            ) from exc
+        raise
+    return in_agent_pod(args, pod, virsh(local_uri(uri))), ""
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         with kube.Kube(args) as k:
             argv, message = console_argv(args, k)
-    except kube.ApiException as exc:
-        if exc.status == 404:
-            return kube.fail(f"not found: {kube.api_error(exc)}")
-        return kube.fail(kube.api_error(exc))
-    except (LookupError, kube.BadObject) as exc:
+    except (kube.ApiException, kube.BadObject) as exc:
+        return kube.failure(exc)
+    except LookupError as exc:
         return kube.fail(str(exc))
     if message:
         print(message)

@@ -48,12 +48,8 @@ def run(args: argparse.Namespace) -> int:
                 if time.monotonic() > deadline:
                     return kube.fail(f"timed out: {line}")
                 time.sleep(1.0)
-    except kube.ApiException as exc:
-        if exc.status == 404:
-            return kube.fail(f"no NodeHypervisor named {args.node}")
-        return kube.fail(kube.api_error(exc))
-    except kube.BadObject as exc:
-        return kube.fail(str(exc))
+    except (kube.ApiException, kube.BadObject) as exc:
+        return kube.failure(exc, f"no NodeHypervisor named {args.node}")
     except KeyboardInterrupt:
         print(f"\nstill draining; undo with: kubehv drain --undo {args.node}")
         return 130

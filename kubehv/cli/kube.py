@@ -60,8 +60,7 @@ class Kube:
                 contexts, active = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
                     config_file=config_file
                 )
-                chosen = next((c for c in contexts if c["name"] == context), active)
-                namespace = ((chosen or {}).get("context") or {}).get("namespace")
+                namespace = context_namespace(contexts, active, context)
         except (k8s_config.ConfigException, FileNotFoundError):
             # No kubeconfig: running in a pod (e.g. kubectl exec into the controller).
             k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
@@ -164,6 +163,25 @@ class Kube:
                 return
 
 
+class KubeconfigContext(pydantic.BaseModel):
+    """One ``contexts`` entry of a kubeconfig (name, and the namespace it defaults to)."""
+
+    class Body(pydantic.BaseModel):
+        namespace: str | None = None
+
+    name: str = ""
+    context: Body = pydantic.Field(default_factory=Body)
+
+
+def context_namespace(contexts: Any, active: Any, name: str | None) -> str | None:
+    """The namespace of the kubeconfig context ``name`` (the active one when None)."""
+    parsed = [KubeconfigContext.model_validate(c) for c in contexts or []]
+    chosen = next((c for c in parsed if c.name == name), None) if name else None
+    if chosen is None and active:
+        chosen = KubeconfigContext.model_validate(active)
+    return chosen.context.namespace if chosen else None
+
+
 class WatchEvent(pydantic.BaseModel):
     type: str
     object: dict[str, Any] = pydantic.Field(default_factory=dict)
@@ -199,6 +217,15 @@ def parse_list(model: type[M], result: Any) -> list[M]:
 
 def condition(conditions: list[api.Condition], kind: str) -> api.Condition | None:
     return api.conditions.get_condition(conditions, kind)
+
+
+def failure(exc: ApiException | BadObject, not_found: str | None = None) -> int:
+    """Say why a command failed (the API server's message; ``not_found`` for a 404)."""
+    if isinstance(exc, BadObject):
+        return fail(str(exc))
+    if exc.status == 404:
+        return fail(not_found or f"not found: {api_error(exc)}")
+    return fail(api_error(exc))
 
 
 def fail(message: str, code: int = 1) -> int:

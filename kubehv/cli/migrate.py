@@ -101,14 +101,8 @@ def run(args: argparse.Namespace) -> int:
                     f"  kubectl annotate -n {namespace} migration {name} {abort}"
                 )
                 return 130
-    except kube.ApiException as exc:
-        if exc.status == 404:
-            return kube.fail(
-                f"no VirtualInstance {args.name} in namespace {args.namespace or 'default'}"
-            )
-        return kube.fail(kube.api_error(exc))
-    except kube.BadObject as exc:
-        return kube.fail(str(exc))
+    except (kube.ApiException, kube.BadObject) as exc:
+        return kube.failure(exc, f"no VirtualInstance {args.name} in namespace {k.namespace}")
     if not phase:
         return kube.fail(f"migration {name} did not finish within {args.timeout}s")
     return 0 if phase == "Succeeded" else 1

@@ -127,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 vi = k.get_vi(args.name)
             print(f"{args.name} is {vi.status.phase}")
             return 0
-    except kube.ApiException as exc:
-        if exc.status == 404:
-            return kube.fail(f"no VirtualInstance {args.name}: {kube.api_error(exc)}")
-        return kube.fail(kube.api_error(exc))
-    except (ValueError, RuntimeError, kube.BadObject) as exc:
+    except (kube.ApiException, kube.BadObject) as exc:
+        return kube.failure(exc, f"no VirtualInstance {args.name} in namespace {k.namespace}")
+    except (ValueError, RuntimeError) as exc:
         return kube.fail(str(exc))

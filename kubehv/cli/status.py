@@ -97,10 +97,8 @@ def run(args: argparse.Namespace) -> int:
             nodes = k.list_nhvs()
             everywhere = k.list_vis()
             shown = everywhere if args.all_namespaces else k.list_vis(k.namespace)
-    except kube.ApiException as exc:
-        return kube.fail(kube.api_error(exc))
-    except kube.BadObject as exc:
-        return kube.fail(str(exc))
+    except (kube.ApiException, kube.BadObject) as exc:
+        return kube.failure(exc)
     counts: dict[str, int] = {}
     for vi in everywhere:
         node = vi.status.node_name

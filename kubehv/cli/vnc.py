@@ -54,12 +54,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with kube.Kube(args) as k:
             vi = k.get_vi(args.name)
-    except kube.ApiException as exc:
-        if exc.status == 404:
-            return kube.fail(f"not found: {kube.api_error(exc)}")
-        return kube.fail(kube.api_error(exc))
-    except kube.BadObject as exc:
-        return kube.fail(str(exc))
+    except (kube.ApiException, kube.BadObject) as exc:
+        return kube.failure(exc)
     vnc = vi.spec.console.vnc
     if not vnc.enabled:
         return kube.fail(f"{args.name} has no VNC console (spec.console.vnc.enabled is false)")

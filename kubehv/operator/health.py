@@ -25,6 +25,25 @@ Check = Callable[[], str | None]
 """Returns why the process is not healthy/ready, or None."""
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler that logs at debug level and answers with one whole body."""
+
+    def reply(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        # One request per connection: the API server's kept-alive connection to a Service IP
+        # stays DNAT'd to this pod after its endpoint is removed, so a webhook replica going
+        # away would reset the next admission call (seen on a real node's leader failover).
+        # A new connection always follows the current endpoints.
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug(f"{self.server.server_address}: " + format, *args)
+
+
 class Health:
     def __init__(self) -> None:
         self.live: dict[str, Check] = {}
@@ -58,18 +77,10 @@ class Health:
         """Start answering on ``port`` (0: a free one) in a daemon thread; returns the port."""
         health = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 code, text = health.answer(self.path.split("?", 1)[0])
-                body = text.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("health: " + format, *args)
+                self.reply(code, text.encode(), "text/plain; charset=utf-8")
 
         server = http.server.ThreadingHTTPServer((addr, port), Handler)
         server.daemon_threads = True

@@ -35,7 +35,7 @@ import kubernetes
 
 from kubehv.drivers import errors
 from kubehv.drivers import registry as driver_registry
-from kubehv.operator import k8s, translate, webhook_certs
+from kubehv.operator import health, k8s, translate, webhook_certs
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class AdmissionServer:
                 )
                 return wrapped, addr
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(health.QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
@@ -163,20 +163,7 @@ class AdmissionServer:
                     code = 200
                 except ValueError as exc:
                     answer, code = {"error": f"not an AdmissionReview: {exc}"}, 400
-                body = json.dumps(answer).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                # One call per connection: the API server's kept-alive connection to the
-                # Service IP stays DNAT'd to this pod after its endpoint is removed, so a
-                # replica going away would reset the next admission call (seen on a real
-                # node). A new connection always follows the current endpoints.
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("webhook: " + format, *args)
+                self.reply(code, json.dumps(answer).encode(), "application/json")
 
         self._server = Server((self.addr, self.port), Handler)
         threading.Thread(target=self._server.serve_forever, name="webhook", daemon=True).start()

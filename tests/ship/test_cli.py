@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client as k8s_client
 
 from kubehv.devenv import controlplane, kubeaccess
 from tests.ship.conftest import GROUP, VERSION, custom, example_instance
@@ -29,9 +30,13 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def kubehv(
-    cp: controlplane.ControlPlane, *args: str, plugin: bool = False, timeout: float = 120
+    cp: controlplane.ControlPlane,
+    *args: str,
+    plugin: bool = False,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = cp.env()
+    env = {**cp.env(), **(env or {})}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     argv = [kubeaccess.KUBECTL, "kubehv", *args] if plugin else [str(VENV_BIN / "kubehv"), *args]
     return subprocess.run(
@@ -265,3 +270,73 @@ def test_console_follows_the_instance_to_its_node(
     proc = kubehv(kubehv_installed, "console", "unplaced", "-n", user_namespace)
     assert proc.returncode == 1
     assert "not placed on a node yet" in proc.stderr
+
+
+def agent_pod(kubehv_installed: controlplane.ControlPlane, node: str) -> Iterator[str]:
+    """A kubehv agent Pod bound to ``node``, Running (no kubelet here: the test writes the
+    kubelet's status, as the other tests here write the operator's)."""
+    core = k8s_client.CoreV1Api(kubehv_installed.api_client())
+    name = f"kubehv-agent-{uuid.uuid4().hex[:5]}"
+    core.create_namespaced_pod(
+        "kubehv-system",
+        k8s_client.V1Pod(
+            metadata=k8s_client.V1ObjectMeta(
+                name=name, labels={"app.kubernetes.io/name": "kubehv-agent"}
+            ),
+            spec=k8s_client.V1PodSpec(
+                node_name=node,
+                containers=[k8s_client.V1Container(name="agent", image="kubehv:dev")],
+            ),
+        ),
+    )
+    core.patch_namespaced_pod_status(name, "kubehv-system", {"status": {"phase": "Running"}})
+    try:
+        yield name
+    finally:
+        core.delete_namespaced_pod(name, "kubehv-system", grace_period_seconds=0)
+
+
+def test_console_from_a_workstation_goes_through_the_agent_pod(
+    kubehv_installed: controlplane.ControlPlane, admin: Any, nodes: list[str], user_namespace: str
+) -> None:
+    """The agent advertises qemu+tls://<node address>/system. From a workstation virsh runs in
+    the agent pod on that node, on the node-local URI (no TLS client certificate, no route to
+    the node needed); on the node itself, locally; with no agent pod, on the advertised URI."""
+    node = nodes[1]
+
+    def uri(value: str) -> None:
+        admin.patch_cluster_custom_object(
+            GROUP, VERSION, "nodehypervisors", node,
+            {"spec": {"hypervisor": "kvm", "connectionURI": value}},
+        )  # fmt: skip
+
+    def printed(**env: str) -> subprocess.CompletedProcess[str]:
+        return kubehv(kubehv_installed, "console", "vm", "-n", user_namespace, "--print", env=env)
+
+    place(admin, user_namespace, "vm", node)
+    domain = f"{user_namespace}.vm"
+    uri("qemu:///system")  # a node-local URI and no agent pod: nothing can reach it
+    proc = printed()
+    assert proc.returncode == 1
+    assert f"no running kubehv agent pod on node {node}" in proc.stderr
+
+    uri("qemu+tls://192.0.2.7/system")
+    proc = printed()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["virsh", "-c", "qemu+tls://192.0.2.7/system", "console", domain]
+
+    for pod in agent_pod(kubehv_installed, node):
+        proc = printed()
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [
+            "kubectl", "exec", "-it", "-n", "kubehv-system", pod, "-c", "agent", "--",
+            "virsh", "-c", "qemu:///system", "console", domain,
+        ]  # fmt: skip
+        # On the node itself (NODE_NAME, as in the agent pod): the local URI, here.
+        on_node = printed(NODE_NAME=node)
+        assert on_node.stdout.split() == ["virsh", "-c", "qemu:///system", "console", domain]
+        # Forced direct from a workstation: the advertised URI.
+        forced = kubehv(
+            kubehv_installed, "console", "vm", "-n", user_namespace, "--print", "--via", "direct"
+        )
+        assert forced.stdout.split()[2] == "qemu+tls://192.0.2.7/system"

@@ -32,7 +32,7 @@ from tests.fixtures.operator import GROUP, VERSION, VI, Proc, fake_vi_body, wait
 
 pytestmark = pytest.mark.apiserver
 
-LEASE_S = 6.0  # renew deadline 4 s, retry 0.8 s (client-go's proportions)
+LEASE_S = 10.0  # renew deadline 6.7 s, retry 1.3 s (client-go's proportions)
 
 
 def http_status(port: int, path: str) -> int:
@@ -223,3 +223,58 @@ def test_timing_refuses_a_renew_deadline_not_below_the_lease() -> None:
     timing = leader.Timing.for_lease(6)
     assert timing.retry_period_s < timing.renew_deadline_s < timing.lease_duration_s
     assert timing.request_timeout_s < timing.renew_deadline_s
+
+
+def test_webhook_answers_from_the_standby_across_a_leader_change(
+    control_plane: Any, crds_installed: Any, namespace: str, tmp_path: Path
+) -> None:
+    """In a cluster every replica serves the webhook, leader or not: the configuration here
+    points at the standby (a Service would at both), which refuses a bad instance before it
+    leads, while the leader dies, and after it took over."""
+    from tests.ship.test_webhook_in_cluster import InClusterWebhook  # noqa: PLC0415
+
+    lease = f"kubehv-hook-{uuid.uuid4().hex[:6]}"
+    hook = InClusterWebhook(control_plane, namespace, "self", tmp_path)  # serves on hook.port
+    base = [a for a in hook.controller.argv if a != "--no-leader-election"]
+    base = base[: base.index("--webhook-port")]
+    health = {"a": cpmod.free_port(), "b": cpmod.free_port()}
+    webhook = {"a": cpmod.free_port(), "b": hook.port}
+
+    def replica(name: str) -> Proc:
+        argv = [
+            *base, "--webhook-port", str(webhook[name]), "--lease-name", lease,
+            "--lease-namespace", namespace, "--identity", f"hook-{name}",
+            "--lease-duration", str(LEASE_S), "--health-port", str(health[name]),
+        ]  # fmt: skip
+        # The Deployment's KUBEHV_WEBHOOK_* environment, the same for both replicas.
+        return Proc(f"hook-{name}", argv, tmp_path / f"hook-{name}.log", hook.controller.env)
+
+    procs = {name: replica(name) for name in ("a", "b")}
+    try:
+        hook.create_secret()
+        hook.create_configuration()
+        procs["a"].start()
+        wait_for(lambda: http_status(health["a"], "/leader") == 200, 60, "a to lead")
+        procs["b"].start()
+
+        def refused_by_the_webhook() -> str | None:
+            refusal = hook.refuses_bad_instance()
+            return refusal if "unknown parameter 'no_such_param'" in refusal else None
+
+        wait_for(refused_by_the_webhook, 90, "the standby's webhook to refuse")
+        assert http_status(health["b"], "/leader") == 503, "b should still be the standby"
+        assert http_status(health["b"], "/readyz") == 200
+
+        procs["a"].kill()
+        refusals = 0
+        while http_status(health["b"], "/leader") != 200:
+            assert "unknown parameter" in hook.refuses_bad_instance(), "the webhook stopped"
+            refusals += 1
+            assert refusals < 300, "b never took the Lease"
+        assert "unknown parameter" in hook.refuses_bad_instance()
+        print(f"{refusals} refusals by the standby's webhook during the takeover")
+    finally:
+        for proc in procs.values():
+            print(proc.tail(40))
+            proc.stop()
+        hook.close()

@@ -27,6 +27,7 @@ import yaml
 from kubehv.devenv import controlplane as cpmod
 from kubehv.operator import leader, metrics
 from tests.fixtures.operator import Proc, wait_for
+from tests.fixtures.real import missing_real_part
 from tests.ship.conftest import MANIFESTS, documents, find, kustomize
 
 HERE = Path(__file__).parent
@@ -39,7 +40,10 @@ PROMQL_WORDS = {"by", "without", "on", "ignoring", "and", "or", "unless"}
 
 def promtool() -> str:
     path = shutil.which("promtool")
-    assert path, "promtool missing: hack/bootstrap-apt.sh installs Debian's prometheus package"
+    if path is None:
+        missing_real_part(
+            "promtool", "not on PATH; hack/bootstrap-apt.sh installs Debian's prometheus"
+        )
     return path
 
 

@@ -69,22 +69,26 @@ def agent_spec_patch_refused(api: Any, ns: str, name: str) -> bool:
     return False
 
 
-def bind(admin: Any, ns: str, name: str, node: str) -> None:
-    """The controller's placement: status.nodeName (written here by the admin)."""
+@pytest.fixture
+def admin_on_node_a(
+    kubehv_installed: controlplane.ControlPlane, user_namespace: str, instance: str
+) -> Any:
+    """An admin client, after the controller's placement of ``instance`` on node-a (its
+    status.nodeName, written here by the admin)."""
+    admin = custom(kubehv_installed.api_client())
     admin.patch_namespaced_custom_object_status(
-        GROUP, VERSION, ns, VI, name, {"status": {"nodeName": node}}
+        GROUP, VERSION, user_namespace, VI, instance, {"status": {"nodeName": "node-a"}}
     )
+    return admin
 
 
 def test_agent_cannot_patch_a_spec_but_can_patch_status_and_finalizers(
-    kubehv_installed: controlplane.ControlPlane,
+    admin_on_node_a: Any,
     impersonate: Impersonate,
     user_namespace: str,
     instance: str,
 ) -> None:
-    ns, name = user_namespace, instance
-    admin = custom(kubehv_installed.api_client())
-    bind(admin, ns, name, "node-a")
+    ns, name, admin = user_namespace, instance, admin_on_node_a
     agent = custom(impersonate(AGENT, node="node-a"))
     before = agent.get_namespaced_custom_object(GROUP, VERSION, ns, VI, name)
 
@@ -142,14 +146,12 @@ def refused_by_policy(call: Any, words: str) -> bool:
 
 
 def test_agent_writes_status_only_of_instances_bound_to_its_node(
-    kubehv_installed: controlplane.ControlPlane,
+    admin_on_node_a: Any,
     impersonate: Impersonate,
     user_namespace: str,
     instance: str,
 ) -> None:
-    ns, name = user_namespace, instance
-    admin = custom(kubehv_installed.api_client())
-    bind(admin, ns, name, "node-a")
+    ns, name, admin = user_namespace, instance, admin_on_node_a
     other = custom(impersonate(AGENT, node="node-b"))
 
     def steal() -> None:
