@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -32,6 +33,7 @@ import pluggy
 import pytest
 
 from kubehv.devenv import binaries, kubenode
+from kubehv.devenv.controlplane import log_tail
 from kubehv.devenv.guest import GuestImage
 from kubehv.devenv.libvirtd import LocalLibvirtd
 from kubehv.devenv.netns import LibvirtNode, NodeSet
@@ -56,6 +58,7 @@ class Deployed:
         self.kernel = f"{GUEST_DIR}/vmlinuz"
         self.initrd = f"{GUEST_DIR}/initrd.img"
         self.cmdline = guest.cmdline
+        self.extra_logs: list[Path] = []
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
         proc = self.node.kubectl(*args, input=stdin, check=check, timeout=300)
@@ -101,6 +104,8 @@ class Deployed:
 
     def logs(self) -> str:
         out = [self.node.logs(20)]
+        for extra in self.extra_logs:
+            out.append(f"===== {extra} =====\n{log_tail(extra, 60)}")
         for app in ("kubehv-agent", "kubehv-controller"):
             for pod in self.pods(app):
                 proc = self.node.kubectl(
@@ -173,6 +178,10 @@ def netns_node(deployed: Deployed, guest_image: GuestImage) -> Iterator[LibvirtN
     except OSError as exc:
         missing_real_part("netns libvirt node", str(exc))
     node = nodes[0]
+    # The agent pod (10.244.0.x) talks to this node's libvirtd itself (it confirms a copy's
+    # arrival there): give the node a way back to the pods, through the host.
+    route = ["route", "replace", kubenode.POD_SUBNET, "via", nodes.bridge_address]
+    subprocess.run(["ip", "-n", node.name, *route], check=True, capture_output=True, timeout=30)
     _copy_guest(guest_image, Path(node.host_path(GUEST_DIR)))
     workdir = Path(tempfile.mkdtemp(prefix="kubehv-kubelet-agent-"))
     argv = [
@@ -184,6 +193,7 @@ def netns_node(deployed: Deployed, guest_image: GuestImage) -> Iterator[LibvirtN
     ]  # fmt: skip
     agent = Proc(f"agent-{node.name}", argv, workdir / "agent.log", deployed.node.cp.env())
     agent.start()
+    deployed.extra_logs.append(workdir / "agent.log")
     try:
         wait_for(lambda: _ready(deployed.nhv(node.name)), 120, f"NodeHypervisor {node.name}")
         yield node

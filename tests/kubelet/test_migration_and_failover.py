@@ -48,14 +48,15 @@ def test_live_migration_from_the_daemonset_agent(
     }
     deployed.kubectl("apply", "-f", "-", stdin=json.dumps(migration))
 
-    def finished() -> str | None:
+    def finished() -> dict[str, Any] | None:
         got = deployed.custom.get_namespaced_custom_object(
             "kubehv.io", "v1alpha1", vi_namespace, "migrations", f"{name}-move"
         )
-        phase = str(_status(got).get("phase") or "")
-        return phase if phase in ("Succeeded", "Failed", "Aborted") else None
+        status = _status(got)
+        return status if status.get("phase") in ("Succeeded", "Failed", "Aborted") else None
 
-    assert wait_for(finished, 600, "the migration to finish", interval=1.0) == "Succeeded"
+    status = wait_for(finished, 600, "the migration to finish", interval=1.0)
+    assert status["phase"] == "Succeeded", status
     wait_for(
         lambda: _status(deployed.vi(vi_namespace, name)).get("nodeName") == netns_node.name,
         120,
