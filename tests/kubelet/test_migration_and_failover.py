@@ -28,18 +28,29 @@ def _status(obj: dict[str, Any] | None) -> dict[str, Any]:
     return (obj or {}).get("status") or {}
 
 
+def _schedulable(d: Deployed, node: str, on: bool) -> None:
+    patch = json.dumps({"spec": {"schedulable": on}})
+    d.kubectl("patch", "nhv", node, "--type=merge", "-p", patch)
+
+
 def test_live_migration_from_the_daemonset_agent(
     deployed: Deployed, netns_node: LibvirtNode, vi_namespace: str
 ) -> None:
     name = f"m-{uuid.uuid4().hex[:5]}"
     home = deployed.node.node_name
-    manifest = deployed.guest_manifest(vi_namespace, name, nodeName=home)
-    deployed.kubectl("apply", "-f", "-", stdin=manifest)
-    wait_for(
-        lambda: _status(deployed.vi(vi_namespace, name)).get("phase") == "Running",
-        300,
-        f"{name} Running on {home}",
-    )
+    # Start it on the kubelet node (a pinned spec.nodeName could not migrate): the netns
+    # node takes no new instance until then.
+    _schedulable(deployed, netns_node.name, False)
+    try:
+        deployed.kubectl("apply", "-f", "-", stdin=deployed.guest_manifest(vi_namespace, name))
+        wait_for(
+            lambda: _status(deployed.vi(vi_namespace, name)).get("phase") == "Running",
+            300,
+            f"{name} Running",
+        )
+    finally:
+        _schedulable(deployed, netns_node.name, True)
+    assert _status(deployed.vi(vi_namespace, name))["nodeName"] == home
     migration = {
         "apiVersion": "kubehv.io/v1alpha1",
         "kind": "Migration",
