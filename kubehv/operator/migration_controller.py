@@ -12,6 +12,7 @@ by resourceVersion).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import kopf
 
 from kubehv import api
-from kubehv.operator import k8s, metrics
+from kubehv.operator import heartbeat, k8s, metrics
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import migration_scheduling as sched
 
@@ -48,6 +49,7 @@ class MigrationController:
     def __init__(self, ctx: ControllerContext) -> None:
         self.store = k8s.Kube(ctx.api_client)
         self.limits = limits_from(ctx)
+        self.settings = getattr(ctx, "settings", None)
         self._lock = asyncio.Lock()
 
     async def handle(self, body: Mapping[str, Any]) -> None:
@@ -58,8 +60,19 @@ class MigrationController:
             return
         await self.handle_view(view)
 
+    async def _silent(self, view: ml.MigrationView) -> set[str]:
+        """Nodes whose agent stopped reporting (read only when a step may depend on it)."""
+        if view.phase is not ml.Phase.FINALIZING:
+            return set()
+        now = datetime.datetime.now(datetime.UTC)
+        grace = float(getattr(self.settings, "heartbeat_grace_s", 40.0))
+        nodes = [
+            api.NodeHypervisor.model_validate(n) for n in await k8s.call(self.store.list_nodes)
+        ]
+        return {n.metadata.name or "" for n in nodes if heartbeat.is_stale(n, now, grace)}
+
     async def handle_view(self, view: ml.MigrationView) -> None:
-        step = ml.next_step(view, ml.Role.CONTROLLER)
+        step = ml.next_step(view, ml.Role.CONTROLLER, silent=await self._silent(view))
         if step is ml.Step.NONE and await self._gone_before_running(view):
             step = ml.Step.ABORT
         if step is ml.Step.NONE:
@@ -70,7 +83,8 @@ class MigrationController:
                 view = ml.MigrationView.from_body(
                     await k8s.call(self.store.get_migration, view.namespace, view.name)
                 )
-                await self._step(view, ml.next_step(view, ml.Role.CONTROLLER))
+                silent = await self._silent(view)
+                await self._step(view, ml.next_step(view, ml.Role.CONTROLLER, silent=silent))
             except (k8s.Conflict, k8s.NotFound):
                 log.debug("migration %s changed under us; will look again", view.key)
 
@@ -115,6 +129,14 @@ class MigrationController:
                 ),
             )
             metrics.record_migration("Failed", _seconds(view))
+        elif step is ml.Step.SUCCEED_WITHOUT_SOURCE:
+            note = (
+                f"the source node {view.source_node} stopped reporting after the instance "
+                f"arrived on {view.target_node}; its leftover is cleaned when its agent returns"
+            )
+            cond = ml.condition(ml.COND_SOURCE_FINALIZED, False, "SourceSilent", note)
+            await self._write(view, ml.transition(view, ml.Phase.SUCCEEDED, conditions=[cond]))
+            metrics.record_migration("Succeeded", _seconds(view))
         elif step is ml.Step.HAND_OFF:
             await self._hand_off(view)
         elif step is ml.Step.RELEASE:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from kubehv import api
@@ -84,6 +84,7 @@ class Step(enum.StrEnum):
     FINALIZE_SOURCE = "FinalizeSource"  # source: finalize_migration_source(True) -> Succeeded
     CLEANUP_TARGET = "CleanupTarget"  # target: finalize_migration_dst(False)
     CLEANUP_SOURCE = "CleanupSource"  # source: finalize_migration_source(False)
+    SUCCEED_WITHOUT_SOURCE = "SucceedWithoutSource"  # controller: Finalizing, source silent
     HAND_OFF = "HandOff"  # controller: move VirtualInstance status.nodeName to the target
     RELEASE = "Release"  # controller: drop the finalizer of a deleted, settled Migration
 
@@ -246,11 +247,17 @@ def role_of(view: MigrationView, node: str) -> Role | None:
     return None
 
 
-def next_step(view: MigrationView, role: Role, moment: datetime.datetime | None = None) -> Step:
-    """The single step ``role`` should take now. Pure: depends only on the object and time."""
+def next_step(
+    view: MigrationView,
+    role: Role,
+    moment: datetime.datetime | None = None,
+    silent: Collection[str] = (),
+) -> Step:
+    """The single step ``role`` should take now. Pure: depends only on the object, the time
+    and (for the controller) which nodes' agents have gone silent."""
     phase = view.phase
     if role is Role.CONTROLLER:
-        return _controller_step(view, moment or now())
+        return _controller_step(view, moment or now(), silent)
     if role is Role.SOURCE:
         if phase is Phase.SCHEDULED and not view.abort_requested:
             return Step.PREPARE
@@ -281,7 +288,9 @@ def next_step(view: MigrationView, role: Role, moment: datetime.datetime | None 
     return Step.NONE
 
 
-def _controller_step(view: MigrationView, moment: datetime.datetime) -> Step:
+def _controller_step(
+    view: MigrationView, moment: datetime.datetime, silent: Collection[str]
+) -> Step:
     phase = view.phase
     if phase in BEFORE_RUNNING and view.abort_requested:
         return Step.ABORT
@@ -289,6 +298,16 @@ def _controller_step(view: MigrationView, moment: datetime.datetime) -> Step:
         return Step.SCHEDULE
     if phase in BEFORE_RUNNING and timed_out(view, moment):
         return Step.TIME_OUT
+    if (
+        phase is Phase.FINALIZING
+        and view.condition_true(COND_TARGET_FINALIZED)
+        and view.source_node in silent
+        and timed_out(view, moment)
+    ):
+        # The copy runs on the target (it said so) and the source's agent is gone past its
+        # deadline: the migration did succeed; the source's leftover is an orphan until its
+        # agent returns. Keeps I4 (terminal in bounded time) without touching any guest.
+        return Step.SUCCEED_WITHOUT_SOURCE
     if (phase is Phase.SUCCEEDED or view.target_kept) and not view.condition_true(
         COND_INSTANCE_MOVED
     ):

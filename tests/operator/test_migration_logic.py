@@ -341,6 +341,25 @@ def test_one_active_migration_per_instance() -> None:
     )
 
 
+def test_controller_ends_finalizing_when_the_source_is_silent() -> None:
+    """I4: the copy arrived (TargetFinalized) and the source agent is gone past the
+    deadline: the controller ends the Migration Succeeded (then hands the instance over)."""
+    view = mig(
+        "Finalizing",
+        source="a",
+        target="b",
+        conditions=[cond(ml.COND_TARGET_FINALIZED)],
+        start=T0,
+    )
+    late = T0 + datetime.timedelta(seconds=ml.DEFAULT_COMPLETION_TIMEOUT_S + 1)
+    C = ml.Role.CONTROLLER
+    assert ml.next_step(view, C, late, silent={"a"}) is ml.Step.SUCCEED_WITHOUT_SOURCE
+    assert ml.next_step(view, C, late, silent=set()) is ml.Step.NONE  # the source may finish
+    assert ml.next_step(view, C, T0, silent={"a"}) is ml.Step.NONE  # not overdue yet
+    not_arrived = mig("Finalizing", source="a", target="b", start=T0)
+    assert ml.next_step(not_arrived, C, late, silent={"a"}) is ml.Step.NONE
+
+
 def test_same_named_instance_elsewhere_does_not_block() -> None:
     """Found by the kvm fault matrix: instances are namespaced, so is the one-migration rule."""
     other = ml.MigrationView.from_body(
