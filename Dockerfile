@@ -17,10 +17,11 @@ COPY pyproject.toml README.md ./
 COPY kubehv ./kubehv
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-# Stage 2: slim runtime with only the libvirt client library (libvirt0), no compiler.
+# Stage 2: slim runtime with only the libvirt client library (libvirt0) and virsh
+# (libvirt-clients: `kubehv console` runs it in the agent pod), no compiler.
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libvirt0 \
+ && apt-get install -y --no-install-recommends libvirt0 libvirt-clients \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /wheels /wheels
 COPY requirements.lock /tmp/requirements.lock

@@ -6,7 +6,7 @@ CACHE ?= $(HOME)/.cache/kubehv
 PYTEST_ARGS ?=
 export KUBEHV_CACHE := $(CACHE)
 
-.PHONY: all bootstrap apt venv controlplane guest test lint typecheck unit demo demo-down bench crds lock clean
+.PHONY: all bootstrap apt venv controlplane node guest test lint typecheck unit demo demo-down bench crds lock clean
 
 all: test
 
@@ -32,6 +32,11 @@ controlplane:
 guest:
 	@bash tests/guest/build-guest.sh >/dev/null
 
+# The real node's binaries (kubelet, controller-manager, scheduler, kube-proxy, pause) for
+# tests/kubelet; its image layers are built and cached by the tests (kubehv/devenv/image.py).
+node:
+	@bash hack/controlplane/build.sh --node >/dev/null
+
 lint: venv
 	$(VENV)/bin/ruff check kubehv tests bench
 	$(VENV)/bin/ruff format --check kubehv tests bench
@@ -41,11 +46,11 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 ## test: every test, with the real parts (libvirtd, QEMU, kube-apiserver + etcd) started by the tests
-test: bootstrap lint typecheck
+test: bootstrap node lint typecheck
 	PATH="$$PATH:$$(bash hack/controlplane/build.sh)" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: venv
-	$(VENV)/bin/pytest -m "not real_libvirt and not apiserver and not e2e and not faults" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not real_libvirt and not apiserver and not e2e and not faults and not kubelet" $(PYTEST_ARGS)
 
 ## demo: a local control plane, the controller and one node agent, the examples applied
 # PATH gets the control-plane build dir last: its kubectl (built there when none is on PATH).

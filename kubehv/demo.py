@@ -2,18 +2,19 @@
 
 Why: a newcomer must get from a fresh clone to a VM reconciled by kubehv without a cluster.
 ``python -m kubehv.demo up`` starts the test harness's control plane (etcd + kube-apiserver),
-installs the CRDs, picks a driver (kvm on a local libvirtd with the tiny test guest when QEMU
-and libvirt can run here, else fake, and says why), starts the controller and one node agent
-as processes, applies ``examples/``, waits for Ready, prints the state and the
-``export KUBECONFIG=...`` line, then stays up until Ctrl-C, SIGTERM or
-``python -m kubehv.demo down`` (which reads ``.demo/state.json``) and stops all it started.
+installs the CRDs, picks a driver (kvm with the tiny test guest when QEMU and libvirt can run
+here, else fake, and says why) and the nodes (two netns libvirt nodes where the machine can,
+so a live migration really runs: ``kubehv.devenv.demonodes``), starts the controller and one
+agent per node as processes, applies ``examples/`` (the Migration once its instance runs),
+waits for Ready and Succeeded, prints the state, the ``export KUBECONFIG=...`` line and three
+commands to try next, then stays up until Ctrl-C, SIGTERM or ``python -m kubehv.demo down``
+(which reads ``.demo/state.json``) and stops all it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,16 +23,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import yaml
 
-from kubehv.devenv import binaries, controlplane, guest, libvirtd
-from kubehv.drivers import errors as driver_errors
-from kubehv.drivers import registry
+from kubehv.devenv import binaries, controlplane
+from kubehv.devenv.demoexamples import adapt_example
+from kubehv.devenv.demonodes import DemoNode, KvmSetup, prepare_kvm
+
+__all__ = ["DemoNode", "KvmSetup", "adapt_example", "main", "prepare_kvm"]
 
 REPO_ROOT = binaries.REPO_ROOT
 DEMO_DIR = REPO_ROOT / ".demo"
@@ -74,58 +76,6 @@ def _same_process(record: dict[str, Any]) -> psutil.Process | None:
     return None
 
 
-# ---- kvm: can real VMs run here? -------------------------------------------------------------
-class KvmSetup:
-    """What the kvm driver needs in the demo: a libvirtd URI and the test guest's boot files."""
-
-    def __init__(
-        self,
-        uri: str,
-        kernel: Path,
-        initrd: Path,
-        cmdline: str = "console=ttyS0",
-        daemon: libvirtd.LocalLibvirtd | None = None,
-    ) -> None:
-        self.uri, self.kernel, self.initrd, self.cmdline = uri, kernel, initrd, cmdline
-        self._daemon = daemon  # our lease on libvirtd: stopped only if we started it
-
-    def stop(self) -> None:
-        if self._daemon is not None:
-            self._daemon.stop()
-        self._daemon = None
-
-
-def prepare_kvm(report: Callable[[str], None]) -> tuple[KvmSetup | None, str]:
-    """Decide whether the kvm driver can run here; (setup, reason) or (None, why not)."""
-    missing = [b for b in ("qemu-system-x86_64", "libvirtd", "virsh") if not shutil.which(b)]
-    if missing:
-        return None, f"not installed: {', '.join(missing)}"
-    if importlib.util.find_spec("libvirt") is None:
-        return None, "the libvirt Python binding is not installed"
-    try:
-        registry.get_driver_class("kvm")
-    except driver_errors.UnknownDriver as exc:
-        return None, f"the kvm driver does not load: {exc}"
-    report("libvirtd: using the running one or starting it (no systemd here)")
-    daemon = libvirtd.LocalLibvirtd()
-    try:
-        daemon.ensure()
-    except (libvirtd.LibvirtdError, OSError, subprocess.SubprocessError) as exc:
-        daemon.stop()
-        return None, f"libvirtd cannot be started: {exc}"
-    report("test guest: Debian cloud kernel + busybox initramfs (built once, then cached)")
-    try:
-        image = guest.ensure_guest()
-    except guest.GuestBuildError as exc:
-        daemon.stop()
-        return None, f"the test guest cannot be built: {exc}"
-    started = "started by the demo" if daemon.started_by_us else "already running"
-    setup = KvmSetup(
-        daemon.uri, Path(image.kernel), Path(image.initrd), image.cmdline, daemon=daemon
-    )
-    return setup, f"libvirtd at {daemon.uri} ({started}), guest kernel {image.kernel}"
-
-
 class Demo:
     """The running demo: the control plane plus the kubehv processes, all owned here."""
 
@@ -137,6 +87,8 @@ class Demo:
         self.procs: dict[str, controlplane.ManagedProcess] = {}
         self.kvm: KvmSetup | None = None
         self.driver = "fake"
+        self.nodes: list[DemoNode] = []
+        self.migrations: list[dict[str, Any]] = []
 
     def write_state(self) -> None:
         state = {
@@ -144,6 +96,7 @@ class Demo:
             "kubeconfig": str(self.cp.kubeconfig),
             "data_dir": str(self.cp.dir),
             "driver": self.driver,
+            "nodes": [n.name for n in self.nodes],
             "processes": {
                 name: _process_record(pid)
                 for name, pid in [
@@ -227,28 +180,36 @@ class Demo:
 
     def start_operator(self) -> None:
         controller = self._cli_command("controller")
-        agent = self._cli_command("agent")
         cflags, aflags = self._flags("controller"), self._flags("agent")
         if "--kubeconfig" in cflags:
             controller += ["--kubeconfig", str(self.cp.kubeconfig)]
         self._spawn("controller", controller)
-        agent += ["--node-name", self.node_name, "--hypervisor", self.driver]
+        if self.kvm is not None:
+            self.nodes = self.kvm.nodes(self.node_name)
+        else:
+            self.nodes = [DemoNode(self.node_name, f"fake://{DEMO_DIR / 'agent-state'}")]
+        for node in self.nodes:
+            name = "agent" if len(self.nodes) == 1 else f"agent-{node.name}"
+            self._spawn(name, self._agent_argv(node, aflags))
+
+    def _agent_argv(self, node: DemoNode, aflags: set[str]) -> list[str]:
+        agent = self._cli_command("agent")
+        agent += ["--node-name", node.name, "--hypervisor", self.driver]
         if "--kubeconfig" in aflags:
             agent += ["--kubeconfig", str(self.cp.kubeconfig)]
         # The agent's own state (fake instances, VNC password files) stays in .demo/, not in
         # /var/lib/kubehv, so `down` leaves nothing behind outside the checkout.
-        state_dir = DEMO_DIR / "agent-state"
+        state_dir = DEMO_DIR / ("agent-state" if len(self.nodes) == 1 else f"state-{node.name}")
         state_dir.mkdir(parents=True, exist_ok=True)
         if "--state-dir" in aflags:
             agent += ["--state-dir", str(state_dir)]
         for flag in ("--connection-uri", "--uri", "--libvirt-uri"):
             if flag in aflags:
-                agent += [flag, self.connection_uri(state_dir)]
+                agent += [flag, node.uri]
                 break
-        self._spawn("agent", agent)
-
-    def connection_uri(self, state_dir: Path) -> str:
-        return self.kvm.uri if self.kvm is not None else f"fake://{state_dir}"
+        if node.migration_address and "--migration-address" in aflags:
+            agent += ["--migration-address", node.migration_address]
+        return agent
 
     def apply_examples(self) -> list[tuple[str, str]]:
         """Apply examples/ (adapted to this node and driver); return the VIs to wait for."""
@@ -258,13 +219,14 @@ class Demo:
         docs: list[dict[str, Any]] = []
         for f in files:
             docs += [d for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
-        # A Migration needs a second node; the demo has one, so those are shown, not applied.
-        skipped = [d for d in docs if d.get("kind") == "Migration"]
-        uri = self.connection_uri(DEMO_DIR / "agent-state")
-        docs = [adapt_example(d, self.driver, self.node_name, self.kvm, uri) for d in docs]
+        # A Migration needs a second node and a running instance: applied after Ready.
+        self.migrations = [d for d in docs if d.get("kind") == "Migration"]
+        first = self.nodes[0]
+        docs = [adapt_example(d, self.driver, first.name, self.kvm, first.uri) for d in docs]
         docs = [d for d in docs if d.get("kind") != "Migration"]
-        if skipped:
-            progress(f"skipping {len(skipped)} Migration example(s): the demo has one node")
+        if self.migrations and len(self.nodes) < 2:
+            progress(f"skipping {len(self.migrations)} Migration example(s): one node only")
+            self.migrations = []
         progress(f"applying {len(docs)} object(s) from {EXAMPLES_DIR}")
         self.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
         return [
@@ -309,6 +271,30 @@ class Demo:
                 time.sleep(0.5)
         self._wait_node_counts(len(instances))
 
+    def run_migrations(self) -> None:
+        """Apply the Migration examples and follow each to its end (the headline, for real)."""
+        for doc in self.migrations:
+            meta = doc.setdefault("metadata", {})
+            ns, name = meta.setdefault("namespace", "default"), meta["name"]
+            progress(f"live-migrating {doc['spec']['instance']}: Migration {ns}/{name}")
+            self.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+            deadline, said = time.monotonic() + self.wait_timeout, ""
+            while True:
+                proc = self.cp.kubectl("get", "mig", name, "-n", ns, "-o", "json", check=False)
+                status = (json.loads(proc.stdout).get("status") or {}) if proc.stdout else {}
+                phase = str(status.get("phase") or "Pending")
+                if phase != said:
+                    progress(f"Migration {ns}/{name}: {phase} {status.get('message') or ''}")
+                    said = phase
+                if phase in ("Failed", "Aborted"):
+                    raise DemoError(f"Migration {ns}/{name} {phase}: {status.get('message')}")
+                if phase == "Succeeded":
+                    break
+                self.check_children()
+                if time.monotonic() > deadline:
+                    raise DemoError(f"Migration {ns}/{name} not done in {self.wait_timeout:.0f}s")
+                time.sleep(0.5)
+
     def _vi_status(self, ns: str, name: str) -> dict[str, Any]:
         proc = self.cp.kubectl("get", "virtualinstance", name, "-n", ns, "-o", "json", check=False)
         if proc.returncode != 0:
@@ -343,13 +329,27 @@ class Demo:
                 print(one.stdout + one.stderr, flush=True)
         else:
             print(out.stdout + out.stderr, flush=True)
+        if len(self.nodes) > 1:
+            where = self.cp.kubectl(
+                "get", "vi", "demo-kvm", "-o", "jsonpath={.status.nodeName}", check=False
+            ).stdout.strip()
+            other = where or self.nodes[0].name
+            print(
+                "Try next (after the exports below; kubehv is in .venv/bin):\n"
+                "  kubehv migrate demo-kvm --wait        # live migration with progress\n"
+                f"  kubehv drain {other} --wait            # move every instance off a node\n"
+                "  kubectl patch vi demo-kvm --type merge "
+                '-p \'{"spec":{"autoBalloon":{"enabled":true,"target":"96Mi"}}}\'  # balloon\n',
+                flush=True,
+            )
         print(f"export KUBECONFIG={self.cp.kubeconfig}", flush=True)
         kubectl = shutil.which("kubectl")
         if kubectl and Path(kubectl).parent == binaries.cached_dir():
             # No kubectl of the user's own: the one hack/controlplane/build.sh built.
             print(f'export PATH="$PATH:{binaries.cached_dir()}"', flush=True)
         progress(
-            f"running with the {self.driver} driver; Ctrl-C or `make demo-down` stops everything"
+            f"running with the {self.driver} driver on {len(self.nodes)} node(s); "
+            "Ctrl-C or `make demo-down` stops everything"
         )
 
     def delete_instances(self) -> None:
@@ -359,8 +359,8 @@ class Demo:
         agent's shutdown deliberately leaves guests alone (an agent upgrade must not kill
         VMs). Deleting the objects makes the agent destroy the domains and drop its finalizer.
         """
-        agent = self.procs.get("agent")
-        if agent is None or not agent.alive() or "kube-apiserver" not in self.cp.pids():
+        agents = [p for n, p in self.procs.items() if n.startswith("agent") and p.alive()]
+        if not agents or "kube-apiserver" not in self.cp.pids():
             return
         progress("deleting the VirtualInstances (their agent stops the VMs)")
         proc = self.cp.kubectl(
@@ -373,7 +373,7 @@ class Demo:
     def stop(self) -> None:
         with contextlib.suppress(Exception):  # best effort: processes are stopped regardless
             self.delete_instances()
-        for name in ("agent", "controller"):
+        for name in [n for n in self.procs if n.startswith("agent")] + ["controller"]:
             proc = self.procs.pop(name, None)
             if proc is not None:
                 proc.stop()
@@ -383,46 +383,6 @@ class Demo:
         self.cp.stop()
         with contextlib.suppress(FileNotFoundError):
             STATE_FILE.unlink()
-
-
-def adapt_example(
-    doc: dict[str, Any],
-    driver: str,
-    node: str,
-    kvm: KvmSetup | None,
-    connection_uri: str | None = None,
-) -> dict[str, Any]:
-    """An example as the demo applies it: on this driver, on this node, booting the guest.
-
-    The NodeHypervisor example describes a node called ``node-a``; the demo's one node is
-    this machine, whose agent has already registered it: the example becomes that object
-    (same name, driver and URI), so applying it adds its labels instead of a second node
-    that no agent serves and that would never be Ready.
-    """
-    if doc.get("kind") == "NodeHypervisor":
-        doc = json.loads(json.dumps(doc))
-        doc.setdefault("metadata", {})["name"] = node
-        spec = doc.setdefault("spec", {})
-        spec["nodeName"] = node
-        spec["hypervisor"] = driver
-        if connection_uri:
-            spec["connectionURI"] = connection_uri
-        spec.pop("migrationAddress", None)  # one node: nothing to migrate to
-        return doc
-    if doc.get("kind") != "VirtualInstance":
-        return doc
-    doc = json.loads(json.dumps(doc))  # a deep copy
-    spec = doc.setdefault("spec", {})
-    spec["hypervisor"] = driver
-    for key in ("nodeName", "node"):
-        if key in spec:
-            spec[key] = node
-    if kvm is not None:
-        boot = spec.setdefault("boot", {})
-        boot["kernel"] = str(kvm.kernel)
-        boot["initrd"] = str(kvm.initrd)
-        boot["cmdline"] = kvm.cmdline
-    return doc
 
 
 def up(args: argparse.Namespace) -> int:
@@ -446,6 +406,7 @@ def up(args: argparse.Namespace) -> int:
         demo.write_state()
         demo.start_operator()
         demo.wait_ready(demo.apply_examples())
+        demo.run_migrations()
         demo.show()
         if args.exit_when_ready:
             return 0

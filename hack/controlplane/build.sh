@@ -8,6 +8,11 @@
 # kubectl of the same version is built there too when none is on PATH (Debian 12 ships none
 # recent: its kubernetes-client is 1.20); `make demo` appends that dir to PATH.
 # Honours KUBEBUILDER_ASSETS first: if it holds both binaries, nothing is built.
+# `build.sh --node`: the real node's binaries instead (kubelet, kube-controller-manager,
+# kube-scheduler, kube-proxy of the same version, plus a tiny static `pause` for containerd's
+# sandbox image) into $KUBEHV_CACHE/node/k8s-<version>/; prints that dir. KUBEBUILDER_ASSETS
+# is honoured the same way (used when it holds all four). About 4 min on top of the
+# apiserver's Go build cache.
 # Go: k8s 1.32 needs Go >= 1.23; an older go (Debian 12's golang-go is 1.19) only fetches the
 # pinned toolchain from the Go module proxy (the module golang.org/toolchain, as `go` itself
 # does), cached in $KUBEHV_CACHE/go/.
@@ -16,13 +21,23 @@ K8S_VERSION="${KUBEHV_K8S_VERSION:-v1.32.4}"
 ETCD_VERSION="${KUBEHV_ETCD_VERSION:-v3.5.17}"
 CACHE="${KUBEHV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubehv}"
 OUT="$CACHE/controlplane/k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}"
+NODE_MODE=0; [ "${1:-}" = "--node" ] && NODE_MODE=1
+NODE_CMDS=(kubelet kube-controller-manager kube-scheduler kube-proxy)
+NODE_OUT="$CACHE/node/k8s-${K8S_VERSION}"
+has_all() { local d="$1"; shift; for b in "$@"; do [ -x "$d/$b" ] || return 1; done; }
+if [ "$NODE_MODE" = 1 ]; then
+  if [ -n "${KUBEBUILDER_ASSETS:-}" ] && has_all "$KUBEBUILDER_ASSETS" "${NODE_CMDS[@]}" pause; then
+    echo "$KUBEBUILDER_ASSETS"; exit 0
+  fi
+  if has_all "$NODE_OUT" "${NODE_CMDS[@]}" pause; then echo "$NODE_OUT"; exit 0; fi
+fi
 
 if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] && [ -x "$KUBEBUILDER_ASSETS/etcd" ]; then
   echo "$KUBEBUILDER_ASSETS"; exit 0
 fi
 have() { [ -x "$OUT/$1" ]; }
 want_kubectl() { ! command -v kubectl >/dev/null 2>&1 && ! have kubectl; }
-if have kube-apiserver && have etcd && ! want_kubectl; then echo "$OUT"; exit 0; fi
+if [ "$NODE_MODE" = 0 ] && have kube-apiserver && have etcd && ! want_kubectl; then echo "$OUT"; exit 0; fi
 
 GO="${GO:-$(command -v go || true)}"
 [ -n "$GO" ] || { [ -x /usr/local/go/bin/go ] && GO=/usr/local/go/bin/go; }
@@ -74,6 +89,44 @@ apiserver_module() {
 }
 MINOR="${K8S_VERSION#v1.}"; MINOR="${MINOR%%.*}"
 LDF="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$MINOR -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$MINOR"
+
+if [ "$NODE_MODE" = 1 ]; then
+  rm -rf "$NODE_OUT.tmp"; mkdir -p "$NODE_OUT.tmp"
+  # pause: PID 1 of every pod sandbox; sleeps, reaps orphans, exits on TERM/INT.
+  mkdir -p "$WORK/pause" && cd "$WORK/pause"
+  printf 'module kubehv.local/pause\n\ngo 1.22\n' > go.mod
+  cat > main.go <<'GOSRC'
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGCHLD)
+	for s := range sigs {
+		if s != syscall.SIGCHLD {
+			os.Exit(0)
+		}
+		for {
+			var ws syscall.WaitStatus
+			if pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil); pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+GOSRC
+  "$GO" build -trimpath -ldflags "-s -w" -o "$NODE_OUT.tmp/pause" . >&2
+  echo "kubehv: building ${NODE_CMDS[*]} $K8S_VERSION (one time, about 4 min on 2 cores on top of the apiserver build)" >&2
+  CMDS=("${NODE_CMDS[@]}"); apiserver_module "$WORK/node"
+  "$GO" build -trimpath -ldflags "$LDF" -o "$NODE_OUT.tmp/" "${CMDS[@]/#/k8s.io/kubernetes/cmd/}" >&2
+  rm -rf "$NODE_OUT"; mv "$NODE_OUT.tmp" "$NODE_OUT"
+  echo "$NODE_OUT"; exit 0
+fi
 
 if have kube-apiserver && have etcd; then
   # An earlier build made before kubectl was built here, and no kubectl on PATH: add it.

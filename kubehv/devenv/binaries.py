@@ -102,3 +102,56 @@ def find(build: bool = True, timeout: float = 3600.0) -> ControlPlaneBinaries:
         tried.append(f"build printed {lines[-1]!r} which lacks the binaries")
         raise BinariesUnavailable("; ".join(tried))
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeBinaries:
+    """The real node's binaries (``build.sh --node``) and the sandbox's ``pause``."""
+
+    directory: Path
+    kubelet: Path
+    kube_controller_manager: Path
+    kube_scheduler: Path
+    kube_proxy: Path
+    pause: Path
+
+
+NODE_NAMES = ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy", "pause")
+
+
+def node_cached_dir() -> Path:
+    return cache_dir() / "node" / f"k8s-{KUBERNETES_VERSION}"
+
+
+def _node_from_dir(directory: Path) -> NodeBinaries | None:
+    paths = [directory / n for n in NODE_NAMES]
+    if all(os.access(p, os.X_OK) for p in paths):
+        return NodeBinaries(directory, *paths)
+    return None
+
+
+def find_node(build: bool = True, timeout: float = 3600.0) -> NodeBinaries:
+    """The node's binaries: ``KUBEBUILDER_ASSETS``, else the cache, else ``build.sh --node``."""
+    for candidate in (os.environ.get("KUBEBUILDER_ASSETS"), str(node_cached_dir())):
+        found = _node_from_dir(Path(candidate)) if candidate else None
+        if found:
+            return found
+    if not build:
+        raise BinariesUnavailable(f"no node binaries in KUBEBUILDER_ASSETS or {node_cached_dir()}")
+    env = dict(os.environ, KUBEHV_K8S_VERSION=KUBERNETES_VERSION)
+    try:
+        proc = subprocess.run(
+            ["bash", str(BUILD_SCRIPT), "--node"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BinariesUnavailable(f"{BUILD_SCRIPT} --node failed: {exc}") from exc
+    lines = proc.stdout.strip().splitlines()
+    found = _node_from_dir(Path(lines[-1])) if proc.returncode == 0 and lines else None
+    if found is None:
+        raise BinariesUnavailable(f"{BUILD_SCRIPT} --node exited {proc.returncode}")
+    return found

@@ -128,6 +128,10 @@ class ManagedProcess:
         self.popen = None
 
 
+def _enables_sa(args: list[str]) -> bool:
+    return any(a.startswith("--enable-admission-plugins=") and "ServiceAccount" in a for a in args)
+
+
 class ControlPlane(kubeaccess.KubeAccess):
     """etcd + kube-apiserver on loopback. Use as a context manager or call start()/stop().
 
@@ -144,12 +148,18 @@ class ControlPlane(kubeaccess.KubeAccess):
         bins: binaries.ControlPlaneBinaries | None = None,
         die_with_parent: bool = True,
         etcd_fsync: bool = False,
+        extra_args: list[str] | None = None,
+        extra_ips: tuple[str, ...] = (),
     ) -> None:
         self._given_dir = data_dir
         self._remove_data = (data_dir is None) if remove_data is None else remove_data
         self._bins = bins
         self._die_with_parent = die_with_parent
         self._etcd_fsync = etcd_fsync
+        # kube-apiserver flags appended last (the last of a repeated flag wins): what a real
+        # node needs (kubehv.devenv.kubenode); extra_ips go into the serving certificate.
+        self._extra_args = list(extra_args or [])
+        self._extra_ips = extra_ips
         self.dir: Path = Path()
         self.token = secrets.token_hex(16)
         self.etcd_port = 0
@@ -220,7 +230,9 @@ class ControlPlane(kubeaccess.KubeAccess):
         atexit.register(self.stop)
         self._started = True
         try:
-            self._certs = certs.generate(self.dir / "pki", admin_user=ADMIN_USER)
+            self._certs = certs.generate(
+                self.dir / "pki", admin_user=ADMIN_USER, extra_ips=self._extra_ips
+            )
             (self.dir / "tokens.csv").write_text(
                 f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
             )
@@ -340,13 +352,19 @@ class ControlPlane(kubeaccess.KubeAccess):
             f"--service-account-key-file={c.sa_pub}",
             f"--service-account-signing-key-file={c.sa_key}",
             "--authorization-mode=RBAC",
-            # No controller-manager creates ServiceAccounts or their tokens here.
-            "--disable-admission-plugins=ServiceAccount",
+            # No controller-manager creates ServiceAccounts or their tokens here (the real
+            # node runs one, and passes --enable-admission-plugins=ServiceAccount instead).
+            *(
+                []
+                if _enables_sa(self._extra_args)
+                else ["--disable-admission-plugins=ServiceAccount"]
+            ),
             "--enable-priority-and-fairness=false",
             "--allow-privileged=true",
             f"--cert-dir={self.dir / 'pki'}",
             "--profiling=false",
             "--v=1",
+            *self._extra_args,
         ]
         self._apiserver = ManagedProcess(
             "kube-apiserver", argv, self._apiserver_log, die_with_parent=self._die_with_parent

@@ -32,6 +32,11 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        # One request per connection: the API server's kept-alive connection to a Service IP
+        # stays DNAT'd to this pod after its endpoint is removed, so a webhook replica going
+        # away would reset the next admission call (seen on a real node's leader failover).
+        # A new connection always follows the current endpoints.
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 

@@ -100,7 +100,10 @@ def test_agent_holds_only_the_documented_privileges(base_docs: list[dict[str, An
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
     host_paths = sorted(v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v)
-    assert host_paths == ["/run/libvirt", "/var/lib/kubehv"]
+    assert host_paths == ["/dev/kvm", "/run/libvirt", "/var/lib/kubehv", "/var/lib/libvirt/images"]
+    # What only the driver's node checks look at is mounted read-only.
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/dev/kvm"]["readOnly"] and mounts["/var/lib/libvirt/images"]["readOnly"]
     assert pod["serviceAccountName"] == "kubehv-agent"
 
 
