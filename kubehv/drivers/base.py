@@ -78,7 +78,8 @@ class BaseHypervisor(abc.ABC):
         requested and the call returns without waiting. ``retry`` says this is a repeat of
         an earlier graceful request. With ``name`` the instance object is not used (it may
         be ``None``) and the stop is done by name only. Stopping an instance that is not
-        running is not an error.
+        running is not an error. A paused instance cannot answer a graceful request (its
+        vCPUs do not run): a graceful stop powers it off.
         """
 
     def cleanup_instance(self, instance_name: str) -> None:

@@ -203,6 +203,25 @@ class DriverContract:
         env.driver.resume_instance(spec)
         assert _state(env.driver, spec.name) is values.InstanceState.RUNNING
 
+    def test_graceful_stop_of_a_paused_instance_powers_it_off(self, env: ContractEnv) -> None:
+        spec = self.start(env, "pausedstop")
+        if not self.caps(env).pause:
+            with pytest.raises(errors.NotSupported):
+                env.driver.pause_instance(spec)
+            return
+        env.driver.pause_instance(spec)
+        assert _state(env.driver, spec.name) is values.InstanceState.PAUSED
+        # A paused guest cannot hear the power button: the graceful path must not fail or
+        # wait for the timeout's force, it powers the guest off (what deleting a Paused
+        # VirtualInstance does).
+        env.driver.stop_instance(spec)
+        wait_for(
+            lambda: not is_alive(env.driver, spec.name),
+            env.settle_timeout_s,
+            "a graceful stop of a paused instance",
+        )
+        assert spec.name not in env.driver.list_instances()
+
     def test_graceful_stop_through_shutdown_instance(self, env: ContractEnv) -> None:
         spec = self.start(env, "graceful")
         forced = env.driver.shutdown_instance(

@@ -219,8 +219,11 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
                 raise errors.InstanceStopError(
                     f"refusing to stop {target!r}: that domain was not created by kubehv"
                 )
+            # A paused guest cannot hear the power button (libvirt refuses with "domain is
+            # not running"): its graceful stop is a power-off, as the fake driver's is.
+            paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
             try:
-                if force:
+                if force or paused:
                     dom.destroy()
                 else:
                     dom.shutdown()  # ACPI power button (no guest agent configured)
