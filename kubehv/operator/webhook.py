@@ -32,7 +32,9 @@ from typing import Any
 
 import kopf
 import kubernetes
+import pydantic
 
+from kubehv import api
 from kubehv.drivers import errors
 from kubehv.drivers import registry as driver_registry
 from kubehv.operator import health, k8s, translate, webhook_certs
@@ -40,12 +42,20 @@ from kubehv.operator import health, k8s, translate, webhook_certs
 log = logging.getLogger(__name__)
 
 
-def problems(vi: Mapping[str, Any]) -> str | None:
-    """Why this VirtualInstance is refused, or ``None`` if it passes the driver's checks."""
-    spec = vi.get("spec") or {}
-    hypervisor = str(spec.get("hypervisor") or "kvm")
+def problems(body: Mapping[str, Any]) -> str | None:
+    """Why this VirtualInstance is refused, or ``None`` if it passes the driver's checks.
+
+    The object is parsed into the api model first (the one way the runtime reads objects);
+    a body the model refuses is refused with the model's message.
+    """
     try:
-        cls = driver_registry.get_driver_class(hypervisor)
+        vi = api.VirtualInstance.model_validate(dict(body))
+    except pydantic.ValidationError as exc:
+        return f"invalid VirtualInstance: {exc.errors()[0].get('msg', exc)}"
+    if vi.metadata.deletion_timestamp:
+        return None  # being deleted: nothing to check
+    try:
+        cls = driver_registry.get_driver_class(vi.spec.hypervisor or "kvm")
     except errors.UnknownDriver as exc:
         return exc.message
     try:
@@ -67,8 +77,6 @@ def register(registry: kopf.OperatorRegistry) -> None:
         operations=["CREATE", "UPDATE"],
     )
     def validate_vi(body: kopf.Body, **_: Any) -> None:
-        if (body.get("metadata") or {}).get("deletionTimestamp"):
-            return
         why = problems(dict(body))
         if why:
             raise kopf.AdmissionError(why, code=422)
@@ -193,7 +201,7 @@ def review_response(review: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("no request")
     obj = request.get("object")
     response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": True}
-    if isinstance(obj, Mapping) and not (obj.get("metadata") or {}).get("deletionTimestamp"):
+    if isinstance(obj, Mapping):
         why = problems(obj)
         if why:
             response = {**response, "allowed": False, "status": {"code": 422, "message": why}}
