@@ -26,12 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 from kubehv.devenv import binaries, controlplane
 from kubehv.devenv.demoexamples import adapt_example
 from kubehv.devenv.demonodes import DemoNode, KvmSetup, prepare_kvm
+from kubehv.devenv.demoprocs import process_record as _process_record
+from kubehv.devenv.demoprocs import same_process as _same_process
+from kubehv.devenv.demoprocs import wait_gone as _wait_gone
 
 __all__ = ["DemoNode", "KvmSetup", "adapt_example", "main", "prepare_kvm"]
 
@@ -58,22 +60,6 @@ def _yaml_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml"))
-
-
-# ---- state file: what `down` needs to find the processes ----------------------------------
-def _process_record(pid: int) -> dict[str, Any]:
-    return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
-
-
-def _same_process(record: dict[str, Any]) -> psutil.Process | None:
-    """The recorded process if it still runs (guards against pid reuse)."""
-    try:
-        proc = psutil.Process(int(record["pid"]))
-        if abs(proc.create_time() - float(record["create_time"])) < 1.0:
-            return proc
-    except (psutil.Error, KeyError, ValueError):
-        pass
-    return None
 
 
 class Demo:
@@ -222,7 +208,17 @@ class Demo:
         # A Migration needs a second node and a running instance: applied after Ready.
         self.migrations = [d for d in docs if d.get("kind") == "Migration"]
         first = self.nodes[0]
-        docs = [adapt_example(d, self.driver, first.name, self.kvm, first.uri) for d in docs]
+        docs = [
+            adapt_example(
+                d,
+                self.driver,
+                first.name,
+                self.kvm,
+                connection_uri=first.uri,
+                migration_address=first.migration_address,
+            )
+            for d in docs
+        ]
         docs = [d for d in docs if d.get("kind") != "Migration"]
         if self.migrations and len(self.nodes) < 2:
             progress(f"skipping {len(self.migrations)} Migration example(s): one node only")
@@ -283,11 +279,12 @@ class Demo:
                 proc = self.cp.kubectl("get", "mig", name, "-n", ns, "-o", "json", check=False)
                 status = (json.loads(proc.stdout).get("status") or {}) if proc.stdout else {}
                 phase = str(status.get("phase") or "Pending")
+                why = status.get("failureReason") or ""
                 if phase != said:
-                    progress(f"Migration {ns}/{name}: {phase} {status.get('message') or ''}")
+                    progress(f"Migration {ns}/{name}: {phase} {why}".rstrip())
                     said = phase
                 if phase in ("Failed", "Aborted"):
-                    raise DemoError(f"Migration {ns}/{name} {phase}: {status.get('message')}")
+                    raise DemoError(f"Migration {ns}/{name} {phase}: {why or 'no reason given'}")
                 if phase == "Succeeded":
                     break
                 self.check_children()
@@ -426,25 +423,6 @@ def up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         demo.stop()
         progress("stopped every process the demo started")
-
-
-def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
-    """Wait until ``proc`` has exited; a zombie counts as exited.
-
-    ``psutil.Process.wait`` on a process that is not our child polls for the pid, and a
-    zombie keeps its pid until its parent reaps it: when ``up`` runs under a parent that
-    waits for it only after ``down`` returns (a test, a supervisor), waiting for the pid
-    would always take the whole timeout.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def down_from_state(state: dict[str, Any]) -> None:

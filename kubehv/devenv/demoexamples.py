@@ -18,7 +18,9 @@ def adapt_example(
     driver: str,
     node: str,
     kvm: KvmSetup | None,
+    *,
     connection_uri: str | None = None,
+    migration_address: str | None = None,
 ) -> dict[str, Any]:
     """An example as the demo applies it: on this driver, on this node, booting the guest.
 
@@ -35,7 +37,13 @@ def adapt_example(
         spec["hypervisor"] = driver
         if connection_uri:
             spec["connectionURI"] = connection_uri
-        spec.pop("migrationAddress", None)  # one node: nothing to migrate to
+        # The node's own migration address (two nodes), or none (one node: nothing to
+        # migrate to). The example may be applied before the agent registers the node, and
+        # an agent keeps an existing NodeHypervisor's spec, so it must be right here.
+        if migration_address:
+            spec["migrationAddress"] = migration_address
+        else:
+            spec.pop("migrationAddress", None)
         return doc
     if doc.get("kind") != "VirtualInstance":
         return doc

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from kubehv import demo
-from kubehv.devenv import controlplane
+from kubehv.devenv import controlplane, demoprocs
 
 
 @pytest.fixture
@@ -63,13 +63,20 @@ def test_adapt_example_targets_this_node_driver_and_guest() -> None:
         "spec": {"nodeName": "x"},
     }
     nhv["spec"]["migrationAddress"] = "10.200.0.1"
-    mine = demo.adapt_example(nhv, "kvm", "here", kvm, "qemu:///system")
+    mine = demo.adapt_example(nhv, "kvm", "here", kvm, connection_uri="qemu:///system")
     assert mine["metadata"]["name"] == "here"  # the node the demo's agent registered
     assert mine["spec"] == {
         "nodeName": "here",
         "hypervisor": "kvm",
         "connectionURI": "qemu:///system",
     }
+    # Two nodes: the example names the first node's own migration address (it may be
+    # applied before that node's agent registers it, and the agent keeps what exists).
+    two = demo.adapt_example(
+        nhv, "kvm", "n0", kvm, connection_uri="qemu+tcp://10.200.3.11/system",
+        migration_address="10.200.3.11",
+    )  # fmt: skip
+    assert two["spec"]["migrationAddress"] == "10.200.3.11"
     assert nhv["metadata"]["name"] == "node-a"  # the input is not modified
     other = {"kind": "Migration", "spec": {"instance": "web"}}
     assert demo.adapt_example(other, "fake", "here", None) == other
@@ -95,7 +102,7 @@ def test_down_stops_what_a_crashed_up_left(demo_dirs: Path) -> None:
         state = {
             "up": {"pid": 999999999, "create_time": 0},
             "data_dir": str(demo_dirs / ".demo" / "controlplane"),
-            "processes": {"agent": demo._process_record(leftover.pid)},
+            "processes": {"agent": demoprocs.process_record(leftover.pid)},
         }
         (demo_dirs / ".demo" / "controlplane").mkdir(parents=True)
         (demo_dirs / ".demo" / "state.json").write_text(json.dumps(state))

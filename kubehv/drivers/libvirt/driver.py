@@ -232,6 +232,11 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
                     raise
                 if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,) or not _alive(dom):
                     return  # it stopped meanwhile
+                if not force and exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    # "domain is not running": it is on its way down already (a retried
+                    # request racing the guest's own power-off); shutdown_instance forces
+                    # it if it never gets there.
+                    return
                 raise errors.InstanceStopError(
                     f"cannot {'destroy' if force else 'shut down'} {target!r}: "
                     f"{connection.error_text(exc)}"
