@@ -308,11 +308,18 @@ class InstanceActs:
     # --- drain, migration leftovers ------------------------------------------------------
 
     async def _evict(self, subject: Subject, action: ol.Action) -> bool:
-        """Drain, evictionPolicy Stop: claim phase Evicted first (guarded), then shut down.
+        """Drain, evictionPolicy Stop: shut the guest down, THEN write phase Evicted (guarded).
 
-        The phase is the guard: from Evicted the owner starts nothing while the node drains,
-        and the controller re-places the instance.
+        Evicted is what lets the controller re-place the instance, so it is written only once
+        the domain is gone (I1: the re-placed copy must never overlap this one; a guest that
+        ignores the power button is forced off after the stop timeout first). Until then
+        nothing else acts here: the owner is serialised and, while the node drains, decides
+        EVICT again (a no-op shutdown, then the write) after a crash or a conflict.
         """
+        spec = self._spec(subject.vi)
+        with metrics.timed_driver_call("shutdown_instance"):
+            await k8s.call(self.driver.shutdown_instance, spec, self.policy.stop_timeout_s)
+        await k8s.call(self._cleanup, subject.name)
         cond = status.Condition("Evicted", True, REASON_EVICTED, action.message)
         new = {
             "phase": "Evicted",
@@ -323,10 +330,6 @@ class InstanceActs:
         except k8s.Conflict:
             return True  # changed meanwhile: decide again on the newer object
         self.remember(result)
-        spec = self._spec(subject.vi)
-        with metrics.timed_driver_call("shutdown_instance"):
-            await k8s.call(self.driver.shutdown_instance, spec, self.policy.stop_timeout_s)
-        await k8s.call(self._cleanup, subject.name)
         await self._event(subject, "Evicted", f"instance {subject.name} stopped: {action.message}")
         return False
 

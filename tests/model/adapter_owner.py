@@ -216,17 +216,15 @@ def _instance_act(
         )
         _write(sim, node, vi, new)
         return
-    if act is Act.EVICT:
+    if act is Act.EVICT:  # instances.InstanceActs._evict: the guest goes, then Evicted
+        sim.hv.destroy(node)
         cond = st.Condition("Evicted", True, "NodeDrained", action.message)
         new = {
             "phase": "Evicted",
             "conditions": st.merge_model_conditions(vi.status.conditions, [cond]),
         }
-        try:
+        with contextlib.suppress(Conflict):
             _guarded(sim, node, body, new)
-        except Conflict:
-            return
-        sim.hv.destroy(node)
         return
     if act is Act.RELEASE_MIGRATING:
         _release_migrating(sim, node, vi, body, observed)
