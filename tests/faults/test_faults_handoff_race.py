@@ -4,7 +4,7 @@ Why: every hand-off of the Migration protocol (controller schedules, source clai
 ...) is a status merge patch carrying the resourceVersion the writer read. If two processes
 act on the same stale read (a restarted agent and its replacement, two controllers across a
 leader change), the API server must accept one patch and answer 409 to the other, which the
-operator's own write helper (:class:`kubehv.operator.migration_store.Store`) surfaces as the
+operator's own write helper (:class:`kubehv.operator.k8s.Kube`) surfaces as the
 typed ``Conflict``. Each writer has its own API client, as separate processes would.
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from kubehv.operator import k8s as ms
 from kubehv.operator import migration_logic as ml
-from kubehv.operator import migration_store as ms
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.faults]
 
 
-def _create_migration(store: ms.Store, namespace: str) -> dict[str, Any]:
+def _create_migration(store: ms.Kube, namespace: str) -> dict[str, Any]:
     body = {
         "apiVersion": f"{ml.GROUP}/{ml.VERSION}",
         "kind": "Migration",
@@ -33,7 +33,7 @@ def _create_migration(store: ms.Store, namespace: str) -> dict[str, Any]:
 
 
 def _race(
-    stores: list[ms.Store], view: ml.MigrationView, patches: list[dict[str, Any]]
+    stores: list[ms.Kube], view: ml.MigrationView, patches: list[dict[str, Any]]
 ) -> list[Any]:
     """Send one patch per store at the same moment; return each one's result or exception."""
     results: list[Any] = [None] * len(stores)
@@ -60,7 +60,7 @@ def test_two_schedulers_on_a_stale_read_one_wins(
 ) -> None:
     clients = [control_plane.api_client() for _ in range(2)]
     try:
-        stores = [ms.Store(c) for c in clients]
+        stores = [ms.Kube(c) for c in clients]
         body = _create_migration(stores[0], namespace)
         view = ml.MigrationView.from_body(body)  # the same read, for both writers
         patches = [
@@ -87,7 +87,7 @@ def test_loser_rereads_and_sees_the_winner(
     """The documented recovery: after Conflict, re-read; the next legal step starts from there."""
     client = control_plane.api_client()
     try:
-        store = ms.Store(client)
+        store = ms.Kube(client)
         view = ml.MigrationView.from_body(_create_migration(store, namespace))
         store.patch_migration_status(view, ml.transition(view, ml.Phase.SCHEDULED))
         with pytest.raises(ms.Conflict):
