@@ -75,17 +75,12 @@ def params_for(target: values.MigrationTarget, bandwidth_mib_s: int) -> dict[str
 def _set_downtime_when_running(
     dom: libvirt.virDomain, downtime_ms: int, done: threading.Event
 ) -> None:
-    """Keep the running migration job's maximum downtime at ``downtime_ms``.
-
-    Set too early (the job exists but libvirt has not yet applied its own migration
-    parameters to QEMU), the value is overwritten by libvirt's default: so this does not set
-    it once, it re-applies it whenever the job shows another value, until the job ends.
-    """
+    """Wait for the migration job to start, then set its maximum downtime."""
     while not done.is_set():
         with contextlib.suppress(libvirt.libvirtError):
-            active = dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
-            if active and dom.migrateGetMaxDowntime(0) != downtime_ms:
+            if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
                 dom.migrateSetMaxDowntime(downtime_ms, 0)
+                return
         done.wait(0.05)
 
 
