@@ -341,7 +341,8 @@ def test_live_migration_between_nodes(guests: Guests, node_hosts: list[Host]) ->
     assert active, watcher.statuses
     assert max(s.memory_processed_bytes for s in active) > 0, watcher.raw
     assert all(s.memory_total_bytes >= 96 * MIB for s in active)
-    # max downtime: libvirt may re-apply its default while the job starts; not asserted here
+    # max downtime: the sampled value read libvirt's 300 ms default in two CI runs (cause
+    # not found, open defect); not asserted until the driver can show the knob reaches the job
     # live: it kept running until the switch-over, whose brief pause may be sampled more
     # than once on a loaded machine (a trailing run of PAUSED)
     before_switch = list(watcher.states)
