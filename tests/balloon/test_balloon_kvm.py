@@ -35,7 +35,7 @@ from tests.balloon import cluster as bc
 from tests.balloon import guestmem
 from tests.e2e.conftest import KvmCluster
 from tests.fixtures.kube import fresh_namespace
-from tests.fixtures.operator import remove_unless_failed, wait_for
+from tests.fixtures.operator import started, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_libvirt, pytest.mark.apiserver]
 
@@ -53,18 +53,8 @@ def balloon_cluster(request: pytest.FixtureRequest) -> Iterator[KvmCluster]:
     image = request.getfixturevalue("guest_image")
     nodes = request.getfixturevalue("libvirt_nodes")
     workdir = Path(tempfile.mkdtemp(prefix="kubehv-balloon-"))
-    cluster = bc.make_cluster(control_plane, nodes, image, workdir)
-    failed = True
-    try:
-        cluster.start()
+    with started(bc.make_cluster(control_plane, nodes, image, workdir), workdir) as cluster:
         yield cluster
-        failed = False
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
-        remove_unless_failed(workdir, failed)
 
 
 def _wait_report(ok: Callable[[], bool], what: str) -> None:
