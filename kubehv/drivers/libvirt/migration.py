@@ -10,18 +10,16 @@ easy to get subtly wrong, so they live in one place:
   libvirtd itself (``target.uri``); guest memory travels on ``tcp://<target.address>``;
 * live = ``VIR_MIGRATE_LIVE``; non-live pauses the guest for the transfer and the target
   resumes it; ``ABORT_ON_ERROR`` stops on I/O errors instead of hanging;
-* bandwidth goes in the migrateToURI3 parameters; max downtime can only be set while the
-  job runs, so a helper thread sets it once the job appears;
+* bandwidth goes in the migrateToURI3 parameters; max downtime is a parameter of the QEMU
+  process, set (and read back) just before the job starts, which then uses it throughout;
 * abort is ``abortJob()``; what a migration came to is read from libvirt, not from the
   thread that called ``migrateToURI3`` (see :mod:`kubehv.drivers.libvirt.outcome`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import threading
 
 import libvirt
 
@@ -72,16 +70,29 @@ def params_for(target: values.MigrationTarget, bandwidth_mib_s: int) -> dict[str
     return params
 
 
-def _set_downtime_when_running(
-    dom: libvirt.virDomain, downtime_ms: int, done: threading.Event
-) -> None:
-    """Wait for the migration job to start, then set its maximum downtime."""
-    while not done.is_set():
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
-                dom.migrateSetMaxDowntime(downtime_ms, 0)
-                return
-        done.wait(0.05)
+def _set_max_downtime(dom: libvirt.virDomain, downtime_ms: int) -> None:
+    """Set the guest's maximum switch-over downtime *before* the job starts.
+
+    QEMU keeps ``downtime-limit`` as a parameter of its process; libvirt (9.x) reads the
+    current parameters when a migration job begins, migrates with them and puts them back
+    at the end, so a value set before ``migrateToURI3`` is the one the whole job uses. A
+    helper thread setting it once the job appeared (the earlier way) raced the job's start:
+    on a loaded machine every sample of the running job read QEMU's 300 ms default. Read
+    back, so a hypervisor that ignores it fails here, loudly, not silently mid-job.
+    """
+    try:
+        dom.migrateSetMaxDowntime(downtime_ms, 0)
+        applied = dom.migrateGetMaxDowntime(0)
+    except libvirt.libvirtError as exc:
+        raise errors.MigrationError(
+            f"could not set the maximum downtime of {dom.name()!r} to {downtime_ms} ms: "
+            f"{connection.error_text(exc)}; the instance stays on the source node"
+        ) from exc
+    if applied != downtime_ms:
+        raise errors.MigrationError(
+            f"libvirt kept the maximum downtime of {dom.name()!r} at {applied} ms instead of "
+            f"{downtime_ms} ms; the instance stays on the source node"
+        )
 
 
 def migrate(
@@ -102,16 +113,8 @@ def migrate(
             f"migration target {target.node!r} has no libvirt URI; the kvm driver migrates "
             "peer to peer and needs the target node's connection URI"
         )
-    done = threading.Event()
-    helper = None
     if live and downtime_ms > 0:
-        helper = threading.Thread(
-            target=_set_downtime_when_running,
-            args=(dom, downtime_ms, done),
-            name="migration-downtime",
-            daemon=True,
-        )
-        helper.start()
+        _set_max_downtime(dom, downtime_ms)
     try:
         dom.migrateToURI3(target.uri, params_for(target, bandwidth_mib_s), flags_for(live))
     except libvirt.libvirtError as exc:
@@ -125,10 +128,6 @@ def migrate(
             f"{'was aborted' if aborted else 'failed'}: {text}; the instance "
             "stays on the source node"
         ) from exc
-    finally:
-        done.set()
-        if helper is not None:
-            helper.join(timeout=5)
 
 
 def _alive(dom: libvirt.virDomain) -> bool:

@@ -90,11 +90,19 @@ def source_status(
     if dom is None:
         return None
     try:
-        state, reason = dom.state()
+        return _read_source(dom, starting=starting, name=name, aborted=aborted)
     except libvirt.libvirtError as exc:
         if connection.is_connection_error(exc) or exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
             raise
+        # it left between two reads (a completing migration removes the transient
+        # domain at any moment, e.g. between jobStats() and info()): it is gone
         return None
+
+
+def _read_source(
+    dom: libvirt.virDomain, *, starting: bool, name: str, aborted: bool
+) -> values.MigrationStatus | None:
+    state, reason = dom.state()
     if state == libvirt.VIR_DOMAIN_SHUTOFF:
         if reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED:
             return None  # a persistent leftover of a completed migration: it left
