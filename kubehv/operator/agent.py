@@ -19,7 +19,15 @@ import kopf
 
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
-from kubehv.operator import context, drain, k8s, metrics, migration_agent, node_status
+from kubehv.operator import (
+    context,
+    drain,
+    k8s,
+    metrics,
+    migration_agent,
+    node_status,
+    workloads,
+)
 from kubehv.operator import instances as instances_mod
 from kubehv.operator import settings as opsettings
 
@@ -71,6 +79,14 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> None
     async def start_timers(**_: Any) -> None:
         tasks.append(asyncio.create_task(publisher.run_forever(), name="heartbeat"))
         tasks.append(asyncio.create_task(_watcher(ctx, reconciler), name="watcher"))
+        addresses = workloads.AddressPublisher(
+            ctx.kube,
+            ctx.driver,
+            lambda: list(reconciler.bodies.values()),
+            reconciler.remember,
+            ctx.settings.resync_interval_s,
+        )
+        tasks.append(asyncio.create_task(addresses.run_forever(), name="addresses"))
 
     @kopf.on.cleanup(registry=registry, id="agent-timers-stop")
     async def stop_timers(**_: Any) -> None:

@@ -19,7 +19,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubehv.drivers import errors, values
-from kubehv.operator import context, events, instance_logic, k8s, metrics, status, translate
+from kubehv.operator import (
+    context,
+    events,
+    instance_logic,
+    k8s,
+    metrics,
+    status,
+    translate,
+    workloads,
+)
 
 log = logging.getLogger(__name__)
 L = instance_logic
@@ -74,6 +83,10 @@ class Reconciler:
         metrics.set_instance_phases(phases)
 
     # --- one instance --------------------------------------------------------------------
+
+    def remember(self, body: Mapping[str, Any]) -> None:
+        """Keep ``body`` (a patch response of another writer on this agent) if it is newer."""
+        self._remember(body)
 
     def _remember(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -197,9 +210,12 @@ class Reconciler:
     # --- start ---------------------------------------------------------------------------
 
     def _spec(
-        self, body: Mapping[str, Any], password_file: str | None = None
+        self,
+        body: Mapping[str, Any],
+        password_file: str | None = None,
+        user_data: str | None = None,
     ) -> values.InstanceSpec:
-        return translate.instance_spec(body, self.ctx.node_defaults, password_file)
+        return translate.instance_spec(body, self.ctx.node_defaults, password_file, user_data)
 
     async def _start(  # noqa: PLR0917
         self,
@@ -212,7 +228,8 @@ class Reconciler:
     ) -> bool:
         cls = self.ctx.driver_cls
         try:
-            spec = self._spec(body, await self._password_file(body))
+            password_file = await self._password_file(body)
+            spec = self._spec(body, password_file, await workloads.user_data(self.kube, body))
             checked = cls.check_parameter_syntax(spec.params)
             cls.validate_parameters(spec.params)
             spec = dataclasses.replace(spec, params=checked)
@@ -336,6 +353,8 @@ class Reconciler:
             raise errors.InstanceStopError(f"instance {view.name} is still running")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._password_path(body))
+        with metrics.timed_driver_call("release_instance_storage"):
+            await k8s.call(self.driver.release_instance_storage, spec)
         meta = body.get("metadata") or {}
         finalizers = [f for f in meta.get("finalizers") or [] if f != k8s.FINALIZER]
         patch = {"metadata": {"finalizers": finalizers, "resourceVersion": _rv_str(body)}}

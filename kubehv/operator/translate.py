@@ -92,19 +92,74 @@ def _boot(spec: Mapping[str, Any]) -> values.KernelBoot | None:
     )
 
 
-def _disks(spec: Mapping[str, Any]) -> tuple[values.Disk, ...]:
-    out = []
-    for d in spec.get("disks") or []:
-        out.append(
-            values.Disk(
-                path=str(d.get("path", "")),
-                kind=values.DiskKind(d.get("type") or "file"),
-                format=values.DiskFormat(d.get("format") or "raw"),
-                bus=values.DiskBus(d.get("bus") or "virtio"),
-                readonly=bool(d.get("readOnly", False)),
-            )
+def _bytes(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(quantity.parse_decimal(str(value)))
+    except (ValueError, ArithmeticError):
+        return None
+
+
+def _disk(d: Mapping[str, Any]) -> values.Disk:
+    common: dict[str, Any] = {
+        "name": str(d.get("name") or ""),
+        "bus": values.DiskBus(d.get("bus") or "virtio"),
+        "readonly": bool(d.get("readOnly", False)),
+        "boot_order": int(d["bootOrder"]) if d.get("bootOrder") else None,
+        "delete_policy": values.DeletePolicy(d.get("deletePolicy") or "Delete"),
+    }
+    image = d.get("image")
+    if image:
+        return values.Disk(
+            source=values.DiskSource.IMAGE,
+            image=values.ImageRef(
+                url=str(image.get("url", "")), sha256=str(image.get("sha256", ""))
+            ),
+            size_bytes=_bytes(image.get("size")),
+            format=values.DiskFormat.QCOW2,
+            **common,
         )
-    return tuple(out)
+    blank = d.get("blank")
+    if blank:
+        return values.Disk(
+            source=values.DiskSource.BLANK,
+            size_bytes=_bytes(blank.get("size")),
+            format=values.DiskFormat.QCOW2,
+            **common,
+        )
+    return values.Disk(
+        path=str(d.get("path", "")),
+        kind=values.DiskKind(d.get("type") or "file"),
+        format=values.DiskFormat(d.get("format") or "raw"),
+        **common,
+    )
+
+
+def _disks(spec: Mapping[str, Any]) -> tuple[values.Disk, ...]:
+    return tuple(_disk(d) for d in spec.get("disks") or [])
+
+
+def user_data_secret_ref(spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(Secret name, key) of the cloud-init user data, when the spec names one."""
+    ref = (spec.get("cloudInit") or {}).get("userDataSecretRef") or {}
+    if not ref.get("name"):
+        return None
+    return str(ref["name"]), str(ref.get("key") or "userdata")
+
+
+def _cloud_init(vi: Mapping[str, Any], user_data: str | None) -> values.CloudInit | None:
+    ci = (vi.get("spec") or {}).get("cloudInit")
+    if ci is None:
+        return None
+    meta = vi.get("metadata") or {}
+    return values.CloudInit(
+        instance_id=str(meta.get("uid") or instance_name(vi)),
+        hostname=str(meta.get("name", "")),
+        user_data=user_data if user_data is not None else ci.get("userData"),
+        network_data=ci.get("networkData"),
+        ssh_authorized_keys=tuple(str(k) for k in ci.get("sshAuthorizedKeys") or []),
+    )
 
 
 def _nics(spec: Mapping[str, Any]) -> tuple[values.Nic, ...]:
@@ -113,7 +168,7 @@ def _nics(spec: Mapping[str, Any]) -> tuple[values.Nic, ...]:
         out.append(
             values.Nic(
                 kind=values.NicKind(n.get("type") or "user"),
-                source=n.get("source") or None,
+                source=n.get("source") or None,  # network without source: the node's NAT
                 model=values.NicModel(n.get("model") or "virtio"),
                 mac=(str(n["mac"]).lower() if n.get("mac") else None),
             )
@@ -138,8 +193,12 @@ def instance_spec(
     vi: Mapping[str, Any],
     node_defaults: Mapping[str, Any] | None = None,
     vnc_password_file: str | None = None,
+    user_data: str | None = None,
 ) -> values.InstanceSpec:
-    """The driver's view of a VirtualInstance. Raises ValueError on an unknown enum value."""
+    """The driver's view of a VirtualInstance. Raises ValueError on an unknown enum value.
+
+    ``user_data``: the cloud-init user data read from ``userDataSecretRef`` by the caller.
+    """
     spec = vi.get("spec") or {}
     meta = vi.get("metadata") or {}
     mem_min, mem_max = memory_mib(spec)
@@ -154,4 +213,7 @@ def instance_spec(
         nics=_nics(spec),
         console=_console(spec, vnc_password_file),
         params=merged_params(spec, node_defaults),
+        namespace=str(meta.get("namespace") or "default"),
+        firmware=values.Firmware(spec.get("firmware") or "bios"),
+        cloud_init=_cloud_init(vi, user_data),
     )

@@ -1,0 +1,105 @@
+"""The agent's part of real workloads: cloud-init user data from Secrets, guest addresses.
+
+Why this module exists: the driver makes disks and the cloud-init seed from plain data; what
+needs the Kubernetes API lives here. ``user_data`` reads ``cloudInit.userDataSecretRef`` (the
+value goes into the driver's spec and from there only into the seed ISO, never into status,
+Events or logs). :class:`AddressPublisher` copies the guest addresses the driver knows into
+``status.interfaces`` (this agent is that field's only writer), polling because no event
+announces a DHCP lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubehv.drivers import base, errors
+from kubehv.operator import k8s, translate
+
+log = logging.getLogger(__name__)
+
+
+class SecretNotFound(errors.InvalidInstanceSpec):
+    reason = "SecretNotFound"
+
+
+async def user_data(kube: k8s.Kube, body: Mapping[str, Any]) -> str | None:
+    """The user data from the Secret the spec names, or None when it names none."""
+    ref = translate.user_data_secret_ref(body.get("spec") or {})
+    if ref is None:
+        return None
+    namespace = str((body.get("metadata") or {}).get("namespace", ""))
+    secret = await k8s.call(kube.read_secret_key, namespace, ref[0], ref[1])
+    if secret is None:
+        raise SecretNotFound(
+            f"cloud-init user data Secret {ref[0]!r} (key {ref[1]!r}) not found in namespace "
+            f"{namespace}; create it and the instance starts"
+        )
+    try:
+        return secret.decode()
+    except UnicodeDecodeError:
+        raise SecretNotFound(
+            f"cloud-init user data in Secret {ref[0]!r} (key {ref[1]!r}) is not UTF-8 text"
+        ) from None
+
+
+def interfaces_status(driver: base.BaseHypervisor, name: str) -> list[dict[str, Any]]:
+    return [
+        {"name": i.name, "mac": i.mac, "ipAddresses": list(i.ip_addresses)}
+        for i in driver.get_instance_interfaces(name)
+    ]
+
+
+class AddressPublisher:
+    """Every ``interval_s``: status.interfaces of this node's running instances, on change."""
+
+    def __init__(
+        self,
+        kube: k8s.Kube,
+        driver: base.BaseHypervisor,
+        bodies: Callable[[], list[dict[str, Any]]],
+        remember: Callable[[Mapping[str, Any]], None],
+        interval_s: float = 2.0,
+    ) -> None:
+        self.kube = kube
+        self.driver = driver
+        self.bodies = bodies
+        self.remember = remember
+        self.interval_s = interval_s
+
+    async def publish_once(self) -> None:
+        for body in self.bodies():
+            meta = body.get("metadata") or {}
+            st = body.get("status") or {}
+            if meta.get("deletionTimestamp") or st.get("phase") == "Migrating":
+                continue
+            wanted: list[dict[str, Any]] = []
+            if st.get("phase") in ("Running", "Paused"):
+                name = translate.instance_name(body)
+                try:
+                    wanted = await k8s.call(interfaces_status, self.driver, name)
+                except errors.HypervisorError as exc:
+                    log.debug("addresses of %s: %s", name, exc.message)
+                    continue
+            if wanted == (st.get("interfaces") or []):
+                continue
+            ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+            try:
+                result = await k8s.call(self.kube.patch_vi_status, ns, name, {"interfaces": wanted})
+            except Exception as exc:
+                if k8s.is_status(exc, 404):
+                    continue
+                raise
+            self.remember(result)
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.publish_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("guest address pass failed; will try again")
