@@ -77,6 +77,9 @@ class NodeStorage:
         """Refuse what can never work, before anything is downloaded or created."""
         problems: list[str] = []
         names: set[str] = set()
+        namespace, name = split_name(spec)
+        if not (_DISK_NAME.fullmatch(namespace) and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name)):
+            problems.append(f"instance namespace {namespace!r} or name {name!r} is not path-safe")
         for index, disk in enumerate(spec.disks):
             if disk.source is values.DiskSource.HOST_PATH:
                 problems += self._host_path_problems(disk.path)
