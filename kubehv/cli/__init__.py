@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("kubehv.cli.migrate", "migrate an instance to another node"),
     "drain": ("kubehv.cli.drain", "drain a node: move its instances away"),
     "status": ("kubehv.cli.status", "show nodes and instances"),
+    "ssh": ("kubehv.cli.ssh", "ssh to an instance at its published address"),
 }
 
 

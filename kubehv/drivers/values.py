@@ -274,15 +274,20 @@ class MigrationStatus:
     memory_processed_bytes: int = 0
     memory_remaining_bytes: int = 0
     message: str = ""
+    disk_total_bytes: int = 0  # storage copy of node-local disks (0: none copied)
+    disk_processed_bytes: int = 0
+    disk_remaining_bytes: int = 0
 
     @property
     def percent(self) -> float:
+        """Memory and disk bytes together: a storage migration is mostly disk."""
         if self.state is MigrationState.COMPLETED:
             return 100.0
-        if self.memory_total_bytes <= 0:
+        total = self.memory_total_bytes + self.disk_total_bytes
+        if total <= 0:
             return 0.0
-        done = self.memory_total_bytes - self.memory_remaining_bytes
-        return max(0.0, min(100.0, 100.0 * done / self.memory_total_bytes))
+        done = total - self.memory_remaining_bytes - self.disk_remaining_bytes
+        return max(0.0, min(100.0, 100.0 * done / total))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from kubehv.devenv.cloudimage import CloudImage, ensure_cloud_image
+from kubehv.devenv.guest import GuestBuildError
+from tests.e2e.conftest import e2e_namespace, kvm_cluster  # noqa: F401 - fixtures used here
 from tests.fixtures.real import missing_real_part
 
 
@@ -91,3 +94,14 @@ def qemu_img(*args: str) -> str:
 def make_qcow2(path: Path, size: str = "16M", *options: str) -> Path:
     qemu_img("create", "-q", "-f", "qcow2", *options, str(path), size)
     return path
+
+
+@pytest.fixture(scope="session")
+def cloud_image() -> CloudImage:
+    for tool in ("debootstrap", "mkfs.ext4", "syslinux", "mcopy", "sfdisk", "qemu-img"):
+        if shutil.which(tool) is None:
+            missing_real_part("cloud test image", f"{tool} is not installed (make apt)")
+    try:
+        return ensure_cloud_image()
+    except GuestBuildError as exc:
+        missing_real_part("cloud test image", str(exc))

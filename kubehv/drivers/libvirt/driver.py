@@ -421,6 +421,7 @@ class LibvirtHypervisor(base.BaseHypervisor):
             free = self.get_node_info().memory_free_mib
             if instance.memory_max_mib > free:
                 raise errors.InsufficientMemory(instance.name, instance.memory_max_mib, free)
+            workloads.accept(self.storage, self.conn.get(), self.settings, instance)
 
     def migrate_instance(
         self,
@@ -438,7 +439,9 @@ class LibvirtHypervisor(base.BaseHypervisor):
         if downtime is None:
             downtime = int(params["migration_downtime_ms"])
         with self.conn.translated(f"migrate {instance.name}"):
-            uuid = self._own(instance.name).UUIDString()
+            dom = self._own(instance.name)
+            uuid = dom.UUIDString()
+            flags, extra = workloads.storage_migration(self.storage, dom.XMLDesc(0))
             tracker = migration.Tracker()
             self._migrations[instance.name] = tracker
             with self.conn.dedicated() as private:
@@ -449,6 +452,8 @@ class LibvirtHypervisor(base.BaseHypervisor):
                     bandwidth_mib_s=bandwidth,
                     downtime_ms=downtime,
                     tracker=tracker,
+                    extra_flags=flags,
+                    extra_params=extra,
                 )
 
     def get_migration_status(self, instance: values.InstanceSpec) -> values.MigrationStatus:
@@ -476,6 +481,7 @@ class LibvirtHypervisor(base.BaseHypervisor):
                         f"{instance.name!r} did not arrive on this node after a migration "
                         "reported as successful"
                     )
+                self.storage.wipe_instance_dir(instance)  # what accept_instance made
                 return
             if success:
                 if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
@@ -488,6 +494,7 @@ class LibvirtHypervisor(base.BaseHypervisor):
             with contextlib.suppress(libvirt.libvirtError):
                 if dom.isPersistent():
                     dom.undefine()
+            self.storage.wipe_instance_dir(instance)  # what accept_instance made
 
     def finalize_migration_source(
         self, instance: values.InstanceSpec, success: bool, live: bool
@@ -504,6 +511,7 @@ class LibvirtHypervisor(base.BaseHypervisor):
                     with contextlib.suppress(libvirt.libvirtError):
                         if dom.isPersistent():
                             dom.undefine()
+                self.storage.wipe_instance_dir(instance)  # the disks live on the target now
                 return
             if not ours or dom is None or not _active(dom):
                 raise errors.MigrationError(

@@ -102,8 +102,14 @@ def migrate(
     bandwidth_mib_s: int,
     downtime_ms: int,
     tracker: Tracker,
+    extra_flags: int = 0,
+    extra_params: dict[str, object] | None = None,
 ) -> None:
-    """Run the migration; blocks until done. Raises MigrationError / MigrationAborted."""
+    """Run the migration; blocks until done. Raises MigrationError / MigrationAborted.
+
+    ``extra_flags``/``extra_params``: the storage copy of node-local disks, if any
+    (:func:`kubehv.drivers.libvirt.workloads.storage_migration`).
+    """
     if not target.uri:
         raise errors.MigrationError(
             f"migration target {target.node!r} has no libvirt URI; the kvm driver migrates "
@@ -120,7 +126,8 @@ def migrate(
         )
         helper.start()
     try:
-        dom.migrateToURI3(target.uri, params_for(target, bandwidth_mib_s), flags_for(live))
+        params: dict[str, object] = {**params_for(target, bandwidth_mib_s), **(extra_params or {})}
+        dom.migrateToURI3(target.uri, params, flags_for(live) | extra_flags)
     except libvirt.libvirtError as exc:
         aborted = tracker.aborted or exc.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED
         tracker.state = values.MigrationState.CANCELLED if aborted else values.MigrationState.FAILED
@@ -163,6 +170,8 @@ def status(dom: libvirt.virDomain | None, tracker: Tracker | None) -> values.Mig
             state=values.MigrationState.COMPLETED,
             memory_remaining_bytes=0,
             memory_processed_bytes=max(last.memory_processed_bytes, last.memory_total_bytes),
+            disk_remaining_bytes=0,
+            disk_processed_bytes=max(last.disk_processed_bytes, last.disk_total_bytes),
             message=tracker.message,
         )
     if last is not None:
@@ -199,4 +208,7 @@ def _live_status(dom: libvirt.virDomain) -> values.MigrationStatus | None:
         memory_processed_bytes=int(stats.get("memory_processed", 0)),
         memory_remaining_bytes=remaining,
         message=f"elapsed {int(stats.get('time_elapsed', 0))} ms",
+        disk_total_bytes=int(stats.get("disk_total", 0)),
+        disk_processed_bytes=int(stats.get("disk_processed", 0)),
+        disk_remaining_bytes=int(stats.get("disk_remaining", 0)),
     )

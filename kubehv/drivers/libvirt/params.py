@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 
 from kubehv.drivers import errors, parameters, values
+from kubehv.drivers.storage import errors as storage_errors
 
 ACCELERATORS = ("auto", "kvm", "tcg")
 DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
@@ -381,7 +382,14 @@ def check_instance_on_node(spec: values.InstanceSpec) -> None:
                 f"{label} {path!r} must be an existing file inside the allowed directories ({dirs})"
             )
     for disk in spec.disks:
-        if disk.source is values.DiskSource.HOST_PATH and not is_allowed_path(disk.path):
+        if disk.source is not values.DiskSource.HOST_PATH:
+            continue
+        if is_forbidden(disk.path):
+            raise storage_errors.DiskPathForbidden(
+                f"disk {disk.path!r} lies inside storage this node manages (instances' own "
+                "disks, the image cache, the agent's state); no manifest may name it"
+            )
+        if not is_allowed_path(disk.path):
             problems.append(
                 f"disk {disk.path!r} must exist inside the allowed directories ({dirs})"
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import xml.etree.ElementTree as ET
@@ -100,6 +101,10 @@ def network_xml(name: str, bridge: str, cidr: str) -> str:
     ET.SubElement(root, "name").text = name
     ET.SubElement(root, "forward", mode="nat")
     ET.SubElement(root, "bridge", name=bridge, stp="off", delay="0")
+    # The same gateway MAC on every node: a guest that live-migrates keeps its ARP entry for
+    # the gateway, which must still answer on the new node.
+    digest = hashlib.sha256(f"{name}/{cidr}".encode()).digest()
+    ET.SubElement(root, "mac", address="52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3]))
     ip = ET.SubElement(root, "ip", address=str(hosts[0]), netmask=str(net.netmask))
     dhcp = ET.SubElement(ip, "dhcp")
     ET.SubElement(dhcp, "range", start=str(hosts[1]), end=str(hosts[-1]))
@@ -147,3 +152,53 @@ def discard(prepared: disks.Prepared) -> None:
     for path in prepared.created:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+# --- migration with node-local disks ------------------------------------------------------
+
+
+def local_disk_targets(storage: disks.NodeStorage, dom_xml: str) -> list[str]:
+    """Target devices (vda...) of the writable disks the node made: they must be copied.
+
+    hostPath disks are the admin's storage, shared between nodes by assumption (as before
+    image disks existed), and read-only disks (the cloud-init seed) are rebuilt on the target.
+    """
+    out = []
+    root = domxml.parse(dom_xml)
+    for el in root.iterfind("devices/disk"):
+        source, target = el.find("source"), el.find("target")
+        path = source.get("file", "") if source is not None else ""
+        if el.find("readonly") is not None or target is None or not path:
+            continue
+        if path.startswith(storage.qemu_root.rstrip("/") + "/"):
+            out.append(str(target.get("dev")))
+    return out
+
+
+def storage_migration(storage: disks.NodeStorage, dom_xml: str) -> tuple[int, dict[str, object]]:
+    """(extra flags, extra params) to copy the node-local disks along with the guest.
+
+    Incremental copy (``VIR_MIGRATE_NON_SHARED_INC``): only the instance's overlay travels;
+    the target already has the base image in its cache and an empty overlay on it, made by
+    :func:`accept`.
+    """
+    targets = local_disk_targets(storage, dom_xml)
+    if not targets:
+        return 0, {}
+    return libvirt.VIR_MIGRATE_NON_SHARED_INC, {libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: targets}
+
+
+def accept(
+    storage: disks.NodeStorage,
+    conn: libvirt.virConnect,
+    settings: hvparams.NodeSettings,
+    instance: values.InstanceSpec,
+) -> disks.Prepared:
+    """Target side: the base image in this node's cache, fresh empty overlays, the seed.
+
+    Whatever this node still holds for the instance (an earlier stay here, a retained disk)
+    is stale -- the source's disks are the truth -- and an incremental copy onto an overlay
+    with old data would mix both, so the instance folder is emptied first.
+    """
+    storage.wipe_instance_dir(instance)
+    return prepare(storage, conn, settings, instance)
