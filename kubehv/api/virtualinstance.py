@@ -472,9 +472,10 @@ class InterfaceStatus(base.ApiModel):
 
     name: str = Field(description="Interface name (the guest's when its agent says so).")
     mac: str = Field(description="MAC address.")
-    ip_addresses: list[str] = Field(
-        default_factory=list,
-        description="IP addresses, from DHCP leases, qemu-guest-agent or ARP.",
+    ip_addresses: list[str] | None = Field(
+        default=None,
+        description="IP addresses, from DHCP leases, qemu-guest-agent or ARP; absent until "
+        "one is known.",
     )
 
 
@@ -525,10 +526,10 @@ class VirtualInstanceStatus(base.ApiModel):
         default=None,
         description="metadata.generation the node agent last acted on. Written by the node agent.",
     )
-    interfaces: list[InterfaceStatus] = Field(
-        default_factory=list,
-        description="Guest network interfaces with their addresses, in NIC order. Written by "
-        "the node agent.",
+    interfaces: list[InterfaceStatus] | None = Field(
+        default=None,
+        description="Guest network interfaces with their addresses, in NIC order; absent "
+        "while the instance does not run. Written by the node agent.",
     )
     message: str | None = Field(
         default=None, description="Last notable event, for people. Written by the node agent."

@@ -9,12 +9,10 @@ its checksum and what its cold build cost.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubehv.devenv.guest import REPO_ROOT, GuestBuildError, cache_dir
+from kubehv.devenv.guest import REPO_ROOT, GuestBuildError, run_build_script
 
 BUILD_SCRIPT = REPO_ROOT / "tests" / "guest" / "build-cloud-image.sh"
 USER = "debian"  # cloud-init's default user in Debian's cloud.cfg
@@ -32,23 +30,7 @@ class CloudImage:
 
 
 def ensure_cloud_image(timeout: float = 1800.0) -> CloudImage:
-    env = dict(os.environ, KUBEHV_CACHE=str(cache_dir()))
-    try:
-        proc = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise GuestBuildError(f"{BUILD_SCRIPT} failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise GuestBuildError(
-            f"{BUILD_SCRIPT} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
-        )
-    out = Path(proc.stdout.strip().splitlines()[-1])
+    out = run_build_script(BUILD_SCRIPT, timeout)
     disk = out / "disk.qcow2"
     if not disk.is_file():
         raise GuestBuildError(f"{BUILD_SCRIPT} printed {out} but {disk} is missing")

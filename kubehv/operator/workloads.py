@@ -45,11 +45,20 @@ async def user_data(kube: k8s.Kube, body: Mapping[str, Any]) -> str | None:
         ) from None
 
 
-def interfaces_status(driver: base.BaseHypervisor, name: str) -> list[dict[str, Any]]:
-    return [
-        {"name": i.name, "mac": i.mac, "ipAddresses": list(i.ip_addresses)}
-        for i in driver.get_instance_interfaces(name)
-    ]
+def interfaces_status(driver: base.BaseHypervisor, name: str) -> list[dict[str, Any]] | None:
+    """status.interfaces: None (field removed) when there are none, and no empty lists.
+
+    ``kubectl wait --for=jsonpath='{.status.interfaces[0].ipAddresses[0]}'`` keeps waiting
+    while a field is absent but fails at once on an index into an empty list, so an address
+    list appears only once it holds an address.
+    """
+    out: list[dict[str, Any]] = []
+    for i in driver.get_instance_interfaces(name):
+        entry: dict[str, Any] = {"name": i.name, "mac": i.mac}
+        if i.ip_addresses:
+            entry["ipAddresses"] = list(i.ip_addresses)
+        out.append(entry)
+    return out or None
 
 
 class AddressPublisher:
@@ -75,7 +84,7 @@ class AddressPublisher:
             st = body.get("status") or {}
             if meta.get("deletionTimestamp") or st.get("phase") == "Migrating":
                 continue
-            wanted: list[dict[str, Any]] = []
+            wanted: list[dict[str, Any]] | None = None
             if st.get("phase") in ("Running", "Paused"):
                 name = translate.instance_name(body)
                 try:
@@ -83,7 +92,7 @@ class AddressPublisher:
                 except errors.HypervisorError as exc:
                     log.debug("addresses of %s: %s", name, exc.message)
                     continue
-            if wanted == (st.get("interfaces") or []):
+            if wanted == (st.get("interfaces") or None):
                 continue
             ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
             try:
