@@ -188,6 +188,7 @@ def _ssh_ok(cluster: KvmCluster, node: str, key: Path, ip: str, command: str) ->
     return wait_for(attempt, BOOT_TIMEOUT_S, f"ssh debian@{ip} on {node}: {command}", interval=5)
 
 
+@pytest.mark.timeout(3600)  # three boots of a full Debian under TCG on a shared machine
 def test_cloud_image_ssh_migrate_restart_delete(
     kvm_cluster: KvmCluster, ns: str, served: ImageServer, cloud_image: CloudImage, ssh_key: Path
 ) -> None:
