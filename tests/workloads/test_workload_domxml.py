@@ -11,12 +11,16 @@ tests/workloads/test_workload_domxml.py`` and review the diff.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
+import libvirt
+
 from kubehv.drivers import values
-from kubehv.drivers.libvirt import domxml
+from kubehv.drivers.libvirt import domxml, workloads
 from kubehv.drivers.libvirt import params as hvparams
+from kubehv.drivers.storage import disks
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 REGEN = os.environ.get("KUBEHV_REGEN_GOLDEN", "") not in ("", "0")
@@ -118,3 +122,27 @@ def test_guest_agent_channel_only_for_cloud_init() -> None:
     assert domxml.parse(_build(_cloud_spec())).find(channel) is not None
     plain = values.InstanceSpec(name="plain", uid="u-1", memory_min_mib=64, memory_max_mib=64)
     assert domxml.parse(_build(plain)).find(channel) is None
+
+
+def test_storage_migration_copies_only_node_made_writable_disks() -> None:
+    storage = disks.NodeStorage(STORE)
+    base = _cloud_spec()
+    shared = values.Disk(path="/var/lib/libvirt/images/shared.img")  # hostPath: shared storage
+    spec = dataclasses.replace(base, disks=(*base.disks, shared))
+    flags, params = workloads.storage_migration(storage, _build(spec))
+    assert flags == libvirt.VIR_MIGRATE_NON_SHARED_INC
+    assert params == {libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda", "vdb"]}
+    plain = values.InstanceSpec(name="plain", uid="u-1", memory_min_mib=64, memory_max_mib=64)
+    assert workloads.storage_migration(storage, _build(plain)) == (0, {})
+
+
+def test_nat_network_is_the_same_on_every_node() -> None:
+    xml = workloads.network_xml("kubehv", "kubehv0", "192.168.150.0/24")
+    assert xml == workloads.network_xml("kubehv", "kubehv0", "192.168.150.0/24")
+    root = domxml.parse(xml)
+    assert root.find("forward").get("mode") == "nat"  # type: ignore[union-attr]
+    assert root.find("ip").get("address") == "192.168.150.1"  # type: ignore[union-attr]
+    dhcp = root.find("ip/dhcp/range")
+    assert dhcp is not None and dhcp.get("start") == "192.168.150.2"
+    assert dhcp.get("end") == "192.168.150.254"
+    assert root.find("mac").get("address", "").startswith("52:54:00:")  # type: ignore[union-attr]
