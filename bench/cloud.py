@@ -12,7 +12,6 @@ reported alone too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -21,13 +20,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, kvm
 from kubehv.devenv.cloudimage import CloudImage
 from kubehv.devenv.guest import GuestImage
 from kubehv.drivers import base, values
-from kubehv.drivers import registry as driver_registry
-from kubehv.operator import translate
 from tests.e2e import conftest as e2e
+from tests.fixtures.operator import wait_for
 from tests.workloads.conftest import ImageServer
 
 BOOT_TIMEOUT_S = 1500.0
@@ -54,38 +52,21 @@ def vi_body(
 
 
 def driver_for(node: Any, guest: GuestImage, state: Path) -> base.BaseHypervisor:
-    return driver_registry.create_driver(
-        "kvm",
-        values.DriverConfig(
-            node_name=node.name,
-            uri=node.uri,
-            state_dir=str(state),
-            params={
-                "serial_log_dir": e2e.SERIAL_LOG_DIR,
-                "allowed_dirs": str(Path(guest.kernel).parent),
-                "storage_dir": e2e.NODE_STORAGE,
-                "storage_dir_agent": node.host_path(e2e.NODE_STORAGE),
-            },
-        ),
-    )
+    """The driver as the e2e agents run it: node-local storage reached through the node."""
+    storage = {
+        "storage_dir": e2e.NODE_STORAGE,
+        "storage_dir_agent": node.host_path(e2e.NODE_STORAGE),
+    }
+    return kvm.driver_for(node, guest, state, **storage)
 
 
 def driver_spec(drv: base.BaseHypervisor, body: dict[str, Any]) -> values.InstanceSpec:
     body = {**body, "metadata": {**body["metadata"], "uid": str(uuid.uuid4())}}
-    spec = translate.instance_spec(body, {}, None)
-    checked = type(drv).check_parameter_syntax(spec.params)
-    return dataclasses.replace(spec, params=checked)
+    return kvm.driver_spec(drv, body)
 
 
 def _until(what: str, probe: Any, timeout: float = BOOT_TIMEOUT_S, every: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(every)
+    return wait_for(probe, timeout, what, interval=every)
 
 
 def ssh_ok(node: Any, key: Path, ip: str) -> bool:
