@@ -181,11 +181,12 @@ def _ssh(
 
 
 def _ssh_ok(cluster: KvmCluster, node: str, key: Path, ip: str, command: str) -> str:
-    def attempt() -> str | None:
+    def attempt() -> tuple[str] | None:
         proc = _ssh(cluster, node, key, ip, command)
-        return proc.stdout if proc.returncode == 0 else None
+        return (proc.stdout,) if proc.returncode == 0 else None  # a tuple: "" is an answer too
 
-    return wait_for(attempt, BOOT_TIMEOUT_S, f"ssh debian@{ip} on {node}: {command}", interval=5)
+    what = f"ssh debian@{ip} on {node}: {command}"
+    return wait_for(attempt, BOOT_TIMEOUT_S, what, interval=5)[0]
 
 
 @pytest.mark.timeout(3600)  # three boots of a full Debian under TCG on a shared machine
