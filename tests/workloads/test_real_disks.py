@@ -23,6 +23,7 @@ from kubehv.devenv import serial
 from kubehv.drivers import errors, values
 from kubehv.drivers.libvirt import domxml
 from kubehv.drivers.libvirt.driver import LibvirtHypervisor
+from tests.e2e.conftest import NODE_STORAGE
 from tests.workloads.conftest import ImageServer, make_qcow2, sha256
 
 pytestmark = pytest.mark.real_libvirt
@@ -67,7 +68,9 @@ def _spec(
     drv: LibvirtHypervisor, guest: Any, label: str, *disks: values.Disk
 ) -> values.InstanceSpec:
     name = f"wl{os.getpid()}-{label}"
-    drv.test_names.append(f"team-a.{name}")  # type: ignore[attr-defined]
+    names = getattr(drv, "test_names", None)  # the root driver fixture cleans these up
+    if names is not None:
+        names.append(f"team-a.{name}")
     return values.InstanceSpec(
         name=f"team-a.{name}",
         uid=f"uid-{name}",
@@ -163,3 +166,96 @@ def test_uefi_firmware_starts(driver: LibvirtHypervisor, guest_image: Any) -> No
     assert loader is not None and loader.text == "/usr/share/OVMF/OVMF_CODE_4M.fd"
     info = driver.get_instance_info(spec.name)
     assert info is not None and info.state is values.InstanceState.RUNNING
+
+
+# --- storage migration between two netns nodes (the tiny guest; the Debian one is e2e) ----
+
+
+def _node_driver(node: Any, guest: Any, state: Path) -> LibvirtHypervisor:
+    return LibvirtHypervisor(
+        values.DriverConfig(
+            node_name=node.name,
+            uri=node.uri,
+            state_dir=str(state),
+            params={
+                "allowed_dirs": os.path.dirname(guest.kernel),
+                "serial_log_dir": serial.DEFAULT_SERIAL_LOG_DIR,
+                "storage_dir": NODE_STORAGE,
+                "storage_dir_agent": node.host_path(NODE_STORAGE),
+            },
+        )
+    )
+
+
+def test_storage_migration_moves_the_overlay(
+    libvirt_nodes: Any, guest_image: Any, image_server: ImageServer, tmp_path: Path
+) -> None:
+    src_node, dst_node = libvirt_nodes[0], libvirt_nodes[1]
+    src = _node_driver(src_node, guest_image, tmp_path / "a")
+    dst = _node_driver(dst_node, guest_image, tmp_path / "b")
+    base = make_qcow2(image_server.root / "base.qcow2", "32M")
+    image = values.Disk(
+        source=values.DiskSource.IMAGE,
+        name="root",
+        image=values.ImageRef(image_server.url("base.qcow2"), sha256(base)),
+    )
+    spec = _spec(src, guest_image, "smig", image)
+    folder = f"{NODE_STORAGE}/instances/team-a/{spec.name.removeprefix('team-a.')}"
+    try:
+        src.start_instance(spec)
+        log = src_node.host_path(serial.serial_log_path(spec.name))
+        serial.wait_for_marker(log, guest_image.boot_marker)
+        info = src.migration_info(spec)
+        dst.accept_instance(spec, info, dst_node.address)
+        assert Path(dst_node.host_path(f"{folder}/root.qcow2")).is_file()  # ready to receive
+        target = values.MigrationTarget(dst_node.name, dst_node.address, dst_node.uri)
+        src.migrate_instance(spec, target, live=True)
+        dst.finalize_migration_dst(spec, info, True)
+        src.finalize_migration_source(spec, True, True)
+        assert src.get_instance_info(spec.name) is None
+        running = dst.get_instance_info(spec.name)
+        assert running is not None and running.state is values.InstanceState.RUNNING
+        assert not Path(src_node.host_path(folder)).exists()  # the disks went with the guest
+        conn = libvirt.open(dst.uri)
+        try:
+            disk = domxml.parse(conn.lookupByName(spec.name).XMLDesc(0)).find("devices/disk")
+        finally:
+            conn.close()
+        assert disk is not None
+        assert disk.find("source").get("file") == f"{folder}/root.qcow2"  # type: ignore[union-attr]
+        chain = disk.find("backingStore/source")
+        assert chain is not None and chain.get("file") == dst.storage.to_qemu(
+            dst.storage.cache.path_of(sha256(base))
+        )
+        serial.wait_for_more(
+            dst_node.host_path(serial.serial_log_path(spec.name)),
+            guest_image.alive_marker,
+            after=serial.count_marker(
+                dst_node.host_path(serial.serial_log_path(spec.name)), guest_image.alive_marker
+            )
+            + 1,
+        )
+    finally:
+        for drv in (src, dst):
+            with contextlib.suppress(errors.HypervisorError):
+                drv.stop_instance(None, force=True, name=spec.name)
+                drv.cleanup_instance(spec.name)
+            drv.release_instance_storage(spec)
+
+
+def test_failed_migration_removes_what_the_target_prepared(
+    libvirt_nodes: Any, guest_image: Any, image_server: ImageServer, tmp_path: Path
+) -> None:
+    dst_node = libvirt_nodes[1]
+    dst = _node_driver(dst_node, guest_image, tmp_path / "b")
+    base = make_qcow2(image_server.root / "base.qcow2", "32M")
+    image = values.Disk(
+        source=values.DiskSource.IMAGE,
+        image=values.ImageRef(image_server.url("base.qcow2"), sha256(base)),
+    )
+    spec = _spec(dst, guest_image, "failmig", image)
+    folder = Path(dst_node.host_path(f"{NODE_STORAGE}/instances/team-a"))
+    dst.accept_instance(spec, "", dst_node.address)
+    assert any(folder.rglob("*.qcow2"))
+    dst.finalize_migration_dst(spec, "", False)
+    assert not folder.exists() or not any(folder.rglob("*"))
