@@ -31,6 +31,7 @@ controlplane:
 
 guest:
 	@bash tests/guest/build-guest.sh >/dev/null
+	@bash tests/guest/build-cloud-image.sh >/dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check kubehv tests bench
