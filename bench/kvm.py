@@ -65,7 +65,9 @@ def vi_body(name: str, ns: str, image: GuestImage, node: str | None) -> dict[str
     }
 
 
-def driver_for(node: Any, image: GuestImage, state: Path) -> base.BaseHypervisor:
+def driver_for(
+    node: Any, image: GuestImage, state: Path, **settings: values.ParamValue
+) -> base.BaseHypervisor:
     return driver_registry.create_driver(
         "kvm",
         values.DriverConfig(
@@ -75,6 +77,7 @@ def driver_for(node: Any, image: GuestImage, state: Path) -> base.BaseHypervisor
             params={
                 "serial_log_dir": serial.DEFAULT_SERIAL_LOG_DIR,
                 "allowed_dirs": str(Path(image.kernel).parent),
+                **settings,
             },
         ),
     )

@@ -135,6 +135,17 @@ class BaseHypervisor(abc.ABC):
         """
         return values.VerifyResult()
 
+    def get_instance_interfaces(self, instance_name: str) -> list[values.GuestInterface]:
+        """The guest's NICs with the addresses the hypervisor knows (empty when none)."""
+        return []
+
+    def release_instance_storage(self, instance: values.InstanceSpec) -> list[str]:
+        """The instance is deleted: remove the disks the node made for it (deletePolicy).
+
+        Returns what was removed. Drivers without node-made disks have nothing to do.
+        """
+        return []
+
     def list_foreign_instances(self) -> list[str]:
         """Running instances on this node that this driver did not create (orphans)."""
         return []
@@ -415,7 +426,9 @@ def check_instance_spec(instance: values.InstanceSpec) -> None:
             if path is not None and not parameters.is_absolute_path(path):
                 problems.append(f"{label} path {path!r} must be an absolute, normalised path")
     for disk in instance.disks:
-        if not parameters.is_absolute_path(disk.path):
+        if disk.source is values.DiskSource.HOST_PATH and not parameters.is_absolute_path(
+            disk.path
+        ):
             problems.append(f"disk path {disk.path!r} must be an absolute, normalised path")
     for nic in instance.nics:
         if nic.mac is not None and not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", nic.mac):
