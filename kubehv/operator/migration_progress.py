@@ -23,6 +23,10 @@ def progress_dict(
         "memoryRemaining": int(status.memory_remaining_bytes),
         "percent": int(status.percent),
     }
+    if status.disk_total_bytes:  # a storage migration: the disk copy is most of the bytes
+        result["diskTotal"] = int(status.disk_total_bytes)
+        result["diskProcessed"] = int(status.disk_processed_bytes)
+        result["diskRemaining"] = int(status.disk_remaining_bytes)
     if rate_bytes_s is not None:
         result["rateBytesPerSecond"] = int(rate_bytes_s)
     return result
@@ -40,23 +44,26 @@ class ProgressTracker:
     rate_bytes_s: float | None = None
 
     def update(self, status: values.MigrationStatus, at: float) -> bool:
-        """Record a sample taken at monotonic time ``at``; True if it shows progress."""
-        moved = (
-            status.memory_processed_bytes != self.last_processed
-            or status.memory_remaining_bytes != self.last_remaining
-        )
+        """Record a sample taken at monotonic time ``at``; True if it shows progress.
+
+        Memory and disk bytes count together: during a storage migration's disk copy the
+        memory figures stand still, and that is progress, not a stall.
+        """
+        processed = status.memory_processed_bytes + status.disk_processed_bytes
+        remaining = status.memory_remaining_bytes + status.disk_remaining_bytes
+        moved = processed != self.last_processed or remaining != self.last_remaining
         if (
             self.last_sample_at is not None
             and self.last_processed >= 0
             and at > self.last_sample_at
         ):
-            delta = status.memory_processed_bytes - self.last_processed
+            delta = processed - self.last_processed
             if delta >= 0:
                 self.rate_bytes_s = delta / (at - self.last_sample_at)
         if moved or self.last_change_at is None:
             self.last_change_at = at
-        self.last_processed = status.memory_processed_bytes
-        self.last_remaining = status.memory_remaining_bytes
+        self.last_processed = processed
+        self.last_remaining = remaining
         self.last_sample_at = at
         return moved
 

@@ -249,7 +249,14 @@ class SourceRole(roles.Role):
         rate: float | None = None,
     ) -> None:
         final = progress.progress_dict(
-            dataclasses.replace(last, state=State.COMPLETED, memory_remaining_bytes=0), rate
+            dataclasses.replace(
+                last,
+                state=State.COMPLETED,
+                memory_remaining_bytes=0,
+                disk_processed_bytes=last.disk_total_bytes,
+                disk_remaining_bytes=0,
+            ),
+            rate,
         )
         metrics.record_migration_bytes(last.memory_processed_bytes)
         for _ in range(5):
