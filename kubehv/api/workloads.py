@@ -128,6 +128,14 @@ class DiskSpec(base.StrictModel):
         "name in the same namespace.",
     )
 
+    shared: pydantic.StrictBool = Field(
+        default=False,
+        description="The disk's file lies on storage every node sees at the same path (the "
+        "node storage directory on a shared filesystem): a migration does not copy it and "
+        "neither node removes it when the instance moves. hostPath disks are always treated "
+        "as shared (the administrator's storage).",
+    )
+
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> DiskSpec:
         if sum(x is not None for x in (self.path, self.image, self.blank)) != 1:

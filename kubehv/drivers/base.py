@@ -18,7 +18,7 @@ import glob
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
 import psutil
@@ -134,6 +134,18 @@ class BaseHypervisor(abc.ABC):
         Verified condition. Use :meth:`format_verify_results` for Ganeti's string form.
         """
         return values.VerifyResult()
+
+    def fetch_instance_images(
+        self,
+        instance: values.InstanceSpec,
+        progress: Callable[[values.ImageProgress], None] | None = None,
+    ) -> None:
+        """Download the images the instance's disks name into the node's cache (verified;
+        nothing when cached already), reporting ``progress`` from the calling thread.
+
+        ``start_instance`` and ``accept_instance`` fetch what is missing themselves; callers
+        use this first to show the download. Drivers without an image cache do nothing.
+        """
 
     def get_instance_interfaces(self, instance_name: str) -> list[values.GuestInterface]:
         """The guest's NICs with the addresses the hypervisor knows (empty when none)."""

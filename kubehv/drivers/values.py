@@ -159,6 +159,15 @@ class CloudInit:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ImageProgress:
+    """How far the download of one image into the node's cache is."""
+
+    url: str
+    done_bytes: int
+    total_bytes: int | None = None  # when the server said
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class GuestInterface:
     """A guest network interface as the hypervisor knows it (DHCP lease, guest agent, ARP)."""
 

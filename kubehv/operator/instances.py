@@ -220,7 +220,9 @@ class InstanceActs:
         now = time.time()
         if observed.state is not None:
             await k8s.call(self._cleanup, name)  # a crashed leftover of the last run
+        images = workloads.ImageFetch(self.kube, self.driver, vi, self.remember)
         try:
+            await images.run(spec)  # downloads shown in ImagesReady before the start
             with metrics.timed_driver_call("start_instance"):
                 await k8s.call(
                     self.driver.start_instance,
@@ -230,6 +232,8 @@ class InstanceActs:
         except errors.InstanceAlreadyRunning:
             pass
         except errors.HypervisorError as exc:
+            subject = Subject(images.vi)
+            vi = subject.vi
             hist.failed_starts += 1
             hist.restarts.append(now)
             give_up = not exc.retryable or hist.failed_starts >= self.policy.crash_limit
@@ -244,6 +248,8 @@ class InstanceActs:
             await self.write(subject, new)
             await self._event(subject, exc.reason, exc.message, events.WARNING)
             return False
+        subject = Subject(images.vi)
+        vi = subject.vi
         hist.failed_starts = 0
         restart_count = None
         if restart:

@@ -102,6 +102,7 @@ def _disk(d: wl.DiskSpec) -> values.Disk:
         "readonly": d.read_only,
         "boot_order": d.boot_order or None,
         "delete_policy": values.DeletePolicy(d.delete_policy.value),
+        "shared": d.shared or d.path is not None,
     }
     if d.image is not None:
         return values.Disk(

@@ -1,9 +1,11 @@
-"""The agent's part of real workloads: cloud-init user data from Secrets, guest addresses.
+"""The agent's part of real workloads: cloud-init user data, image downloads, guest addresses.
 
 Why this module exists: the driver makes disks and the cloud-init seed from plain data; what
 needs the Kubernetes API lives here. ``user_data`` reads ``cloudInit.userDataSecretRef`` (the
 value goes into the driver's spec and from there only into the seed ISO, never into status,
-Events or logs). :class:`AddressPublisher` copies the guest addresses the driver knows into
+Events or logs). :class:`ImageFetch` downloads an instance's images before its start and
+shows the download in the ``ImagesReady`` condition (progress while it runs, the reason when
+it fails). :class:`AddressPublisher` copies the guest addresses the driver knows into
 ``status.interfaces`` (this agent is that field's only writer), polling because no event
 announces a DHCP lease; it reads the owner's instances (:meth:`owner.Owner.instances`) and
 writes only on change.
@@ -13,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubehv import api
-from kubehv.drivers import base, errors
-from kubehv.operator import k8s, translate
+from kubehv.drivers import base, errors, values
+from kubehv.operator import k8s, status, translate
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,93 @@ async def user_data(kube: k8s.Kube, vi: api.VirtualInstance) -> str | None:
         raise SecretNotFound(
             f"cloud-init user data in Secret {ref[0]!r} (key {ref[1]!r}) is not UTF-8 text"
         ) from None
+
+
+COND_IMAGES = "ImagesReady"
+
+
+def progress_message(p: values.ImageProgress) -> str:
+    done = p.done_bytes >> 20
+    if p.total_bytes:
+        percent = 100 * p.done_bytes // p.total_bytes
+        return f"downloading {p.url}: {done} of {p.total_bytes >> 20} MiB ({percent}%)"
+    return f"downloading {p.url}: {done} MiB so far"
+
+
+class ImageFetch:
+    """The images of one start, fetched with their progress in ``ImagesReady``.
+
+    The driver reports progress from its thread; every ``interval_s`` the latest report
+    becomes the condition's message (written on change only). ``vi`` is the object as last
+    written here, for the caller's next status write to build on.
+    """
+
+    def __init__(
+        self,
+        kube: k8s.Kube,
+        driver: base.BaseHypervisor,
+        vi: api.VirtualInstance,
+        remember: Callable[[Mapping[str, Any]], None],
+        interval_s: float = 2.0,
+    ) -> None:
+        self.kube = kube
+        self.driver = driver
+        self.vi = vi
+        self.remember = remember
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._latest: values.ImageProgress | None = None
+
+    def _report(self, progress: values.ImageProgress) -> None:
+        with self._lock:
+            self._latest = progress
+
+    async def run(self, spec: values.InstanceSpec) -> None:
+        """Fetch; raises the driver's error (a StorageError with its reason) after showing it."""
+        if not any(d.source is values.DiskSource.IMAGE for d in spec.disks):
+            return
+        fetch = asyncio.ensure_future(
+            k8s.call(self.driver.fetch_instance_images, spec, self._report)
+        )
+        while not fetch.done():
+            await asyncio.wait({fetch}, timeout=self.interval_s)
+            with self._lock:
+                latest = self._latest
+            if latest is not None and not fetch.done():
+                await self._condition(False, "Downloading", progress_message(latest))
+        try:
+            fetch.result()
+        except errors.HypervisorError as exc:
+            await self._condition(False, exc.reason, exc.message)
+            raise
+        count = sum(d.source is values.DiskSource.IMAGE for d in spec.disks)
+        await self._condition(True, "Cached", f"{count} image(s) verified in the node's cache")
+
+    async def _condition(self, ok: bool, reason: str, message: str) -> None:
+        st = self.vi.status
+        current = next((c for c in st.conditions if c.type == COND_IMAGES), None)
+        wanted = "True" if ok else "False"
+        if current is not None and (current.status, current.reason, current.message) == (
+            wanted,
+            reason,
+            message,
+        ):
+            return
+        merged = status.merge_model_conditions(
+            st.conditions, [status.Condition(COND_IMAGES, ok, reason, message)]
+        )
+        meta = self.vi.metadata
+        try:
+            body = await k8s.call(
+                self.kube.patch_vi_status,
+                meta.namespace or "",
+                meta.name or "",
+                {"conditions": merged},
+            )
+        except k8s.NotFound:
+            return
+        self.remember(body)
+        self.vi = api.VirtualInstance.model_validate(body)
 
 
 def interfaces_status(driver: base.BaseHypervisor, name: str) -> list[dict[str, Any]] | None:

@@ -24,7 +24,10 @@ from tests.fixtures.real import missing_real_part
 
 
 class ImageServer:
-    """Serves files from ``root`` on loopback; ``/truncated/NAME`` promises more than it sends."""
+    """Serves files from ``root`` on loopback; ``/truncated/NAME`` promises more than it sends,
+    ``/slow/NAME`` sends at ``SLOW_BYTES_S`` (a download long enough to show its progress)."""
+
+    SLOW_BYTES_S = 48 << 20
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -39,7 +42,8 @@ class ImageServer:
             def do_GET(self) -> None:
                 server.requests.append(self.path)
                 truncated = self.path.startswith("/truncated/")
-                name = self.path.removeprefix("/truncated/").lstrip("/")
+                slow = self.path.startswith("/slow/")
+                name = self.path.removeprefix("/truncated/").removeprefix("/slow/").lstrip("/")
                 path = server.root / name
                 if not path.is_file():
                     self.send_error(404, "no such image")
@@ -50,8 +54,12 @@ class ImageServer:
                 self.end_headers()
                 if server.delay_s:
                     threading.Event().wait(server.delay_s)
-                self.wfile.write(data)
-                self.wfile.flush()
+                step = server.SLOW_BYTES_S // 4 if slow else len(data) or 1
+                for at in range(0, len(data), step):
+                    self.wfile.write(data[at : at + step])
+                    self.wfile.flush()
+                    if slow:
+                        threading.Event().wait(0.25)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from kubehv.devenv.cloudimage import CloudImage
+from kubehv.operator.drain import drain_migration_name
 from tests.e2e.conftest import NODE_STORAGE, KvmCluster
 from tests.fixtures.kube import fresh_namespace
 from tests.fixtures.operator import wait_for
@@ -117,8 +118,23 @@ class TestRefusals:
         return got
 
     def test_wrong_sha256(self, kvm_cluster: KvmCluster, ns: str, served: ImageServer) -> None:
+        """Served slowly: the download's progress shows in ImagesReady before the refusal."""
         node = next(iter(kvm_cluster.nodes))
-        disk = {"image": {"url": served.url("debian.qcow2"), "sha256": "0" * 64}}
+        disk = {"image": {"url": served.url("debian.qcow2", "/slow"), "sha256": "0" * 64}}
+        kvm_cluster.kubectl("apply", "-f", "-", stdin=_vi(ns, "badsum", node, [disk]))
+        seen: list[str] = []
+
+        def images_condition() -> dict[str, Any] | None:
+            vi = kvm_cluster.get("virtualinstances", ns, "badsum") or {}
+            conds = (vi.get("status") or {}).get("conditions") or []
+            cond = next((c for c in conds if c.get("type") == "ImagesReady"), None)
+            if cond is not None and cond.get("reason") == "Downloading":
+                seen.append(cond["message"])
+            return cond if cond is not None and cond.get("reason") != "Downloading" else None
+
+        final = wait_for(images_condition, 240, "badsum: ImagesReady settles", interval=0.3)
+        assert seen and "MiB (" in seen[0] and "downloading http://127.0.0.1:" in seen[0], seen
+        assert final["status"] == "False" and final["reason"] == "ImageChecksumMismatch"
         got = self._expect(kvm_cluster, ns, "badsum", _vi(ns, "badsum", node, [disk]),
                            "ImageChecksumMismatch", "Ready")  # fmt: skip
         assert "not the 0000" in got["message"] and "was not used" in got["message"]
@@ -202,7 +218,7 @@ def test_cloud_image_ssh_migrate_restart_delete(
     # Not pinned (spec.nodeName): a pinned instance may not migrate. The scheduler places it.
     manifest = _vi(
         ns, name, None, [disk], nics=[{"type": "network"}],
-        cloudInit={"sshAuthorizedKeys": [public_key]},
+        cloudInit={"sshAuthorizedKeys": [public_key]}, evictionPolicy="Migrate",
     )  # fmt: skip
     t0 = time.monotonic()
     kvm_cluster.kubectl("apply", "-f", "-", stdin=manifest)
@@ -269,17 +285,47 @@ def test_cloud_image_ssh_migrate_restart_delete(
     assert marker == "kubehv-was-here"
     assert float(uptime_after) > uptime_before  # the same boot: never rebooted
 
+    # A drain of the new node: evictionPolicy Migrate is a non-live Migration, the disk
+    # moves back too (the guest is paused for the copy, never rebooted).
+    kvm_cluster.kubectl(
+        "patch", "nodehypervisor", second, "--type=merge", "-p", '{"spec":{"drain":true}}'
+    )  # fmt: skip
+    t2 = time.monotonic()
+
+    def drained() -> dict[str, Any] | None:
+        drain = drain_migration_name(name, second)
+        st = (kvm_cluster.get("migrations", ns, drain) or {}).get("status") or {}
+        if st.get("phase") in ("Failed", "Aborted"):
+            return st
+        vi = (kvm_cluster.get("virtualinstances", ns, name) or {}).get("status") or {}
+        ok = st.get("phase") == "Succeeded" and vi.get("nodeName") == first
+        return st if ok and vi.get("phase") == "Running" else None
+
+    ended = wait_for(drained, 900, f"drain of {second}: {name} back on {first}", interval=1)
+    print(f"MEASURED drain (non-live migration with storage copy): {time.monotonic() - t2:.0f} s")
+    assert ended.get("phase") == "Succeeded", ended
+    kvm_cluster.kubectl(
+        "patch", "nodehypervisor", second, "--type=merge", "-p", '{"spec":{"drain":false}}'
+    )  # fmt: skip
+    assert overlay.is_file() and not moved.exists()
+    out = _ssh_ok(kvm_cluster, first, ssh_key, ip, "cat marker && cut -d' ' -f1 /proc/uptime")
+    marker, uptime_back = out.split()
+    assert marker == "kubehv-was-here"
+    assert float(uptime_back) > float(uptime_after)  # still the same boot
+
     # Stop and start: the overlay (and the file in it) stays.
     kvm_cluster.kubectl(
         "patch", "vi", "-n", ns, name, "--type=merge", "-p", '{"spec":{"runState":"Stopped"}}'
     )
     wait_for(lambda: _phase(kvm_cluster, ns, name) == "Stopped", 300, "stopped", interval=1)
-    assert moved.is_file()
+    assert overlay.is_file()
     kvm_cluster.kubectl(
         "patch", "vi", "-n", ns, name, "--type=merge", "-p", '{"spec":{"runState":"Running"}}'
     )
-    out = _ssh_ok(kvm_cluster, second, ssh_key, ip, "cat marker")
-    assert out.strip() == "kubehv-was-here"
+    out = _ssh_ok(kvm_cluster, first, ssh_key, ip, "cat marker && cut -d' ' -f1 /proc/uptime")
+    marker, uptime_new = out.split()
+    assert marker == "kubehv-was-here"
+    assert float(uptime_new) < float(uptime_back)  # this one did boot again
 
     # Delete: the overlay and the seed are gone.
     kvm_cluster.kubectl("delete", "vi", "-n", ns, name, "--timeout=300s", timeout=330)

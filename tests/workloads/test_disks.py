@@ -70,6 +70,21 @@ def test_image_overlay_pins_its_base(tmp_path: Path, image_server: ImageServer) 
     assert prepared.created == (out.path,)
 
 
+def test_fetch_images_reports_progress_once(tmp_path: Path, image_server: ImageServer) -> None:
+    base = make_qcow2(image_server.root / "debian.qcow2", "32M")
+    storage = _storage(tmp_path)
+    spec = _spec("team-a", "web", _image_disk(image_server, base, name="root"))
+    seen: list[values.ImageProgress] = []
+    storage.fetch_images(spec, seen.append)
+    size = base.stat().st_size
+    assert seen and seen[-1] == values.ImageProgress(image_server.url(base.name), size, size)
+    assert os.path.isfile(storage.cache.path_of(sha256(base)))
+    assert not (tmp_path / "storage/instances/team-a").exists()  # images only, no overlay
+    count = len(seen)
+    storage.fetch_images(spec, seen.append)  # cached: no second download, no progress
+    assert len(seen) == count and image_server.requests == [f"/{base.name}"]
+
+
 def test_overlay_survives_restart_and_delete_removes_it(
     tmp_path: Path, image_server: ImageServer
 ) -> None:
@@ -86,6 +101,24 @@ def test_overlay_survives_restart_and_delete_removes_it(
     assert (os.stat(first).st_ino, os.stat(first).st_size) == (inode, size)
     assert storage.release(spec) == [first]
     assert not (tmp_path / "storage/instances/team-a").exists()
+
+
+def test_leaving_a_node_keeps_shared_disks(tmp_path: Path) -> None:
+    """After a migration the node drops the instance's own files, never a shared disk."""
+    storage = _storage(tmp_path)
+    shared = values.Disk(
+        source=values.DiskSource.BLANK, name="nfs", size_bytes=8 << 20, shared=True
+    )
+    local = values.Disk(source=values.DiskSource.BLANK, name="scratch", size_bytes=8 << 20)
+    spec = _spec("team-a", "db", shared, local, cloud_init=values.CloudInit("i-1", "db"))
+    prepared = storage.prepare(spec)
+    folder = Path(storage.instance_dir(spec))
+    assert sorted(p.name for p in folder.iterdir()) == ["cidata.iso", "nfs.qcow2", "scratch.qcow2"]
+    assert storage.shared_paths(spec) == {prepared.spec.disks[0].path}
+    storage.drop_local(spec)
+    assert sorted(p.name for p in folder.iterdir()) == ["nfs.qcow2"]
+    storage.drop_local(dataclasses.replace(spec, disks=(local,)))  # nothing shared: all goes
+    assert not folder.exists()
 
 
 def test_retain_keeps_the_disk(tmp_path: Path) -> None:

@@ -136,6 +136,19 @@ def test_storage_migration_copies_only_node_made_writable_disks() -> None:
     assert workloads.storage_migration(storage, _build(plain)) == (0, {})
 
 
+def test_storage_migration_leaves_disks_declared_shared() -> None:
+    storage = disks.NodeStorage(STORE)
+    base = _cloud_spec()
+    kept = tuple(dataclasses.replace(d, shared=d.name == "data") for d in base.disks)
+    spec = dataclasses.replace(base, disks=kept)
+    flags, params = workloads.storage_migration(storage, _build(spec), spec)
+    assert flags == libvirt.VIR_MIGRATE_NON_SHARED_INC
+    assert params == {libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"]}  # root only
+    everything = tuple(dataclasses.replace(d, shared=True) for d in base.disks)
+    spec = dataclasses.replace(spec, disks=everything)
+    assert workloads.storage_migration(storage, _build(spec), spec) == (0, {})
+
+
 def test_nat_network_is_the_same_on_every_node() -> None:
     xml = workloads.network_xml("kubehv", "kubehv0", "192.168.150.0/24")
     assert xml == workloads.network_xml("kubehv", "kubehv0", "192.168.150.0/24")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import ClassVar
 
 import libvirt
@@ -263,6 +264,13 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
             if dom.isPersistent():
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.undefine()
+
+    def fetch_instance_images(
+        self,
+        instance: values.InstanceSpec,
+        progress: Callable[[values.ImageProgress], None] | None = None,
+    ) -> None:
+        self.storage.fetch_images(instance, progress)
 
     def release_instance_storage(self, instance: values.InstanceSpec) -> list[str]:
         return self.storage.release(instance)

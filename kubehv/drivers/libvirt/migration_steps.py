@@ -103,7 +103,7 @@ class MigrationSteps:
         with self.conn.translated(f"migrate {instance.name}"):
             dom = self._own(instance.name)
             uuid = dom.UUIDString()
-            flags, extra = workloads.storage_migration(self.storage, dom.XMLDesc(0))
+            flags, extra = workloads.storage_migration(self.storage, dom.XMLDesc(0), instance)
             with self.conn.dedicated() as private:
                 migration.migrate(
                     private.lookupByUUIDString(uuid),
@@ -155,7 +155,7 @@ class MigrationSteps:
                         "reported as successful"
                     )
                 if dom is None:  # nothing of that name here: drop what accept_instance made
-                    self.storage.wipe_instance_dir(instance)
+                    self.storage.drop_local(instance)
                 return
             if success:
                 # libvirt resumed the copy itself (or left it paused because the source
@@ -169,7 +169,7 @@ class MigrationSteps:
             if not outcome.incoming(dom):
                 raise errors.MigrationCompleted(instance.name, self.config.node_name)
             _remove(dom)  # still incoming: the source copy exists, this one must not run
-            self.storage.wipe_instance_dir(instance)  # what accept_instance made
+            self.storage.drop_local(instance)  # what accept_instance made
 
     def finalize_migration_source(
         self, instance: values.InstanceSpec, success: bool, live: bool
@@ -186,7 +186,7 @@ class MigrationSteps:
             ours = dom is not None and tag is not None and tag.uid == instance.uid
             if success:
                 if dom is None:  # it left: its node-made disks live on the target now
-                    self.storage.wipe_instance_dir(instance)
+                    self.storage.drop_local(instance)
                 if not ours or dom is None:
                     return
                 still = outcome.source_status(dom, starting=False, name=instance.name)
@@ -196,7 +196,7 @@ class MigrationSteps:
                         f"migration has not completed ({still.state.value}: {still.message})"
                     )
                 _remove(dom)
-                self.storage.wipe_instance_dir(instance)  # the disks live on the target now
+                self.storage.drop_local(instance)  # the disks live on the target now
                 return
             if not ours or dom is None or not outcome.is_active(dom):
                 raise errors.MigrationError(

@@ -157,32 +157,38 @@ def discard(prepared: disks.Prepared) -> None:
 # --- migration with node-local disks ------------------------------------------------------
 
 
-def local_disk_targets(storage: disks.NodeStorage, dom_xml: str) -> list[str]:
+def local_disk_targets(
+    storage: disks.NodeStorage, dom_xml: str, instance: values.InstanceSpec | None = None
+) -> list[str]:
     """Target devices (vda...) of the writable disks the node made: they must be copied.
 
     hostPath disks are the admin's storage, shared between nodes by assumption (as before
-    image disks existed), and read-only disks (the cloud-init seed) are rebuilt on the target.
+    image disks existed), disks the spec declares ``shared`` are on storage both nodes see,
+    and read-only disks (the cloud-init seed) are rebuilt on the target.
     """
     out = []
+    shared = storage.shared_paths(instance) if instance is not None else set()
     root = domxml.parse(dom_xml)
     for el in root.iterfind("devices/disk"):
         source, target = el.find("source"), el.find("target")
         path = source.get("file", "") if source is not None else ""
         if el.find("readonly") is not None or target is None or not path:
             continue
-        if path.startswith(storage.qemu_root.rstrip("/") + "/"):
+        if path.startswith(storage.qemu_root.rstrip("/") + "/") and path not in shared:
             out.append(str(target.get("dev")))
     return out
 
 
-def storage_migration(storage: disks.NodeStorage, dom_xml: str) -> tuple[int, dict[str, object]]:
+def storage_migration(
+    storage: disks.NodeStorage, dom_xml: str, instance: values.InstanceSpec | None = None
+) -> tuple[int, dict[str, object]]:
     """(extra flags, extra params) to copy the node-local disks along with the guest.
 
     Incremental copy (``VIR_MIGRATE_NON_SHARED_INC``): only the instance's overlay travels;
     the target already has the base image in its cache and an empty overlay on it, made by
     :func:`accept`.
     """
-    targets = local_disk_targets(storage, dom_xml)
+    targets = local_disk_targets(storage, dom_xml, instance)
     if not targets:
         return 0, {}
     return libvirt.VIR_MIGRATE_NON_SHARED_INC, {libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: targets}
@@ -198,7 +204,8 @@ def accept(
 
     Whatever this node still holds for the instance (an earlier stay here, a retained disk)
     is stale -- the source's disks are the truth -- and an incremental copy onto an overlay
-    with old data would mix both, so the instance folder is emptied first.
+    with old data would mix both, so its node-local files are removed first (shared disks
+    are the very files the source uses: kept).
     """
-    storage.wipe_instance_dir(instance)
+    storage.drop_local(instance)
     return prepare(storage, conn, settings, instance)

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 
 from kubehv.drivers import parameters, values
 from kubehv.drivers.storage import cloudinit, errors, imagecache, qcow2
@@ -117,6 +118,19 @@ class NodeStorage:
         return []
 
     # --- prepare / release -----------------------------------------------------------------
+
+    def fetch_images(
+        self,
+        spec: values.InstanceSpec,
+        progress: Callable[[values.ImageProgress], None] | None = None,
+    ) -> None:
+        """Every image the instance's disks name, in the cache (downloaded and verified)."""
+        self.check_spec(spec)
+        for disk in spec.disks:
+            if disk.source is not values.DiskSource.IMAGE or disk.image is None:
+                continue
+            report = _reporter(disk.image.url, progress) if progress is not None else None
+            self.cache.ensure(disk.image, report)
 
     def prepare(
         self, spec: values.InstanceSpec, progress: imagecache.Progress | None = None
@@ -251,10 +265,47 @@ class NodeStorage:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
 
+    def shared_paths(self, spec: values.InstanceSpec) -> set[str]:
+        """QEMU paths of the instance's node-made disks declared ``shared``."""
+        return {
+            os.path.join(self.instance_dir(spec, local=False), self.disk_file(disk, index))
+            for index, disk in enumerate(spec.disks)
+            if disk.shared and disk.source is not values.DiskSource.HOST_PATH
+        }
+
+    def drop_local(self, spec: values.InstanceSpec) -> None:
+        """The instance left this node (or never arrived): remove its node-local files.
+
+        Disks declared ``shared`` are the same files on every node and stay; without any,
+        the whole instance folder goes (a bare spec of a deleted instance names no disks).
+        """
+        keep = {
+            self.disk_file(disk, index)
+            for index, disk in enumerate(spec.disks)
+            if disk.shared and disk.source is not values.DiskSource.HOST_PATH
+        }
+        if not keep:
+            self.wipe_instance_dir(spec)
+            return
+        local_dir = self.instance_dir(spec)
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.listdir(local_dir):
+                if entry not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(local_dir, entry))
+        self._prune(local_dir)
+
     def wipe_instance_dir(self, spec: values.InstanceSpec) -> None:
         """Remove the instance folder and everything in it (tests, failed migrations)."""
         shutil.rmtree(self.instance_dir(spec), ignore_errors=True)
         self._prune(self.instance_dir(spec))
+
+
+def _reporter(url: str, progress: Callable[[values.ImageProgress], None]) -> imagecache.Progress:
+    def report(done: int, total: int | None) -> None:
+        progress(values.ImageProgress(url, done, total))
+
+    return report
 
 
 def split_name(spec: values.InstanceSpec) -> tuple[str, str]:
