@@ -322,6 +322,12 @@ def test_cloud_image_ssh_migrate_restart_delete(
     kvm_cluster.kubectl(
         "patch", "vi", "-n", ns, name, "--type=merge", "-p", '{"spec":{"runState":"Running"}}'
     )
+    kvm_cluster.kubectl(
+        "wait", "-n", ns, f"vi/{name}", "--for=jsonpath={.status.interfaces[0].ipAddresses[0]}",
+        f"--timeout={int(BOOT_TIMEOUT_S)}s", timeout=BOOT_TIMEOUT_S + 30,
+    )  # fmt: skip
+    vi = kvm_cluster.get("virtualinstances", ns, name) or {}
+    assert vi["status"]["interfaces"][0]["ipAddresses"][0] == ip  # its MAC, so its lease, stayed
     out = _ssh_ok(kvm_cluster, first, ssh_key, ip, "cat marker && cut -d' ' -f1 /proc/uptime")
     marker, uptime_new = out.split()
     assert marker == "kubehv-was-here"

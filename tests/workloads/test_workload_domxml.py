@@ -149,6 +149,17 @@ def test_storage_migration_leaves_disks_declared_shared() -> None:
     assert workloads.storage_migration(storage, _build(spec), spec) == (0, {})
 
 
+def test_nics_without_mac_keep_one_across_starts() -> None:
+    """A random MAC per define would give the guest a new DHCP address at every start."""
+    spec = _cloud_spec()
+    first = domxml.parse(_build(spec)).find("devices/interface/mac")
+    again = domxml.parse(_build(spec)).find("devices/interface/mac")
+    assert first is not None and again is not None
+    assert first.get("address") == again.get("address") == domxml.stable_mac(spec.uid, 0)
+    other = domxml.parse(_build(dataclasses.replace(spec, uid="another")))
+    assert other.find("devices/interface/mac").get("address") != first.get("address")  # type: ignore[union-attr]
+
+
 def test_nat_network_is_the_same_on_every_node() -> None:
     xml = workloads.network_xml("kubehv", "kubehv0", "192.168.150.0/24")
     assert xml == workloads.network_xml("kubehv", "kubehv0", "192.168.150.0/24")

@@ -18,6 +18,7 @@ the driver lists only domains with that tag and calls the others foreign.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
@@ -169,11 +170,22 @@ def _guest_agent(devices: ET.Element, spec: values.InstanceSpec) -> None:
         _sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
 
 
+def stable_mac(uid: str, index: int) -> str:
+    """The MAC of NIC ``index`` when the spec gives none: the same on every start and node.
+
+    libvirt would pick a random one at each define, so a stop and start (or any restart)
+    would change the guest's DHCP address; derived from the instance's uid, it stays.
+    """
+    digest = hashlib.sha256(f"{uid}/{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
 def _nics(devices: ET.Element, spec: values.InstanceSpec) -> None:
-    for nic in spec.nics:
+    for index, nic in enumerate(spec.nics):
         el = _sub(devices, "interface", type=nic.kind.value)
-        if nic.mac:
-            _sub(el, "mac", address=nic.mac)
+        mac = nic.mac or (stable_mac(spec.uid, index) if spec.uid else None)
+        if mac:
+            _sub(el, "mac", address=mac)
         if nic.kind is values.NicKind.NETWORK:
             _sub(el, "source", network=nic.source or "default")
         elif nic.kind is values.NicKind.BRIDGE:

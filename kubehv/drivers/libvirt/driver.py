@@ -278,9 +278,14 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
     def get_instance_interfaces(self, instance_name: str) -> list[values.GuestInterface]:
         with self.conn.translated(f"read the addresses of {instance_name}"):
             dom = self._lookup(instance_name)
-            if dom is None or not _active(dom) or self._tag(dom) is None:
-                return []
-            return workloads.guest_interfaces(dom)
+            try:
+                if dom is None or not _active(dom) or self._tag(dom) is None:
+                    return []
+                return workloads.guest_interfaces(dom)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return []  # it left meanwhile (migrated away, deleted)
+                raise
 
     def reboot_instance(self, instance: values.InstanceSpec) -> None:
         params = hvparams.instance_params(instance)
