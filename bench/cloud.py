@@ -107,15 +107,6 @@ def _driver_ip(drv: base.BaseHypervisor, name: str) -> str | None:
     return None
 
 
-def _migration(name: str, ns: str, vm: str, target: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{common.GROUP}/{common.VERSION}",
-        "kind": "Migration",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"instance": vm, "targetNode": target, "mode": "live"},
-    }
-
-
 def run(cp: Any, guest: GuestImage, image: CloudImage, nodes: Any, runs: int) -> dict[str, Any]:
     workdir = common.workdir("cloud")
     node_list = list(nodes)
@@ -171,7 +162,11 @@ def run(cp: Any, guest: GuestImage, image: CloudImage, nodes: Any, runs: int) ->
         away = next(n for n in node_list if n.name != _vi_node(cluster, ns, vm))
         t0 = time.monotonic()
         cluster.custom.create_namespaced_custom_object(
-            common.GROUP, common.VERSION, ns, "migrations", _migration("move", ns, vm, away.name)
+            common.GROUP,
+            common.VERSION,
+            ns,
+            "migrations",
+            kvm.migration_body("move", ns, vm, away.name),
         )
         _until("the operator's storage migration", lambda: _moved(cluster, ns, "move"), 1200, 0.2)
         out["op_migration"] = time.monotonic() - t0
