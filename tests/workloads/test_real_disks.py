@@ -243,6 +243,47 @@ def test_storage_migration_moves_the_overlay(
             drv.release_instance_storage(spec)
 
 
+def test_disk_declared_shared_is_not_copied(
+    libvirt_nodes: Any, guest_image: Any, image_server: ImageServer, tmp_path: Path
+) -> None:
+    """A disk declared shared is left out of the storage copy. The test nodes' storage is
+    not really shared, and libvirt itself then refuses ("without shared storage is unsafe")
+    -- which proves the disk was not copied -- and the guest stays, whole, on the source."""
+    src_node, dst_node = libvirt_nodes[0], libvirt_nodes[1]
+    src = _node_driver(src_node, guest_image, tmp_path / "a")
+    dst = _node_driver(dst_node, guest_image, tmp_path / "b")
+    shared = values.Disk(
+        source=values.DiskSource.BLANK, name="nfs", size_bytes=8 << 20, shared=True
+    )
+    scratch = values.Disk(source=values.DiskSource.BLANK, name="scratch", size_bytes=8 << 20)
+    spec = _spec(src, guest_image, "shared", shared, scratch)
+    folder = f"{NODE_STORAGE}/instances/team-a/{spec.name.removeprefix('team-a.')}"
+    try:
+        src.start_instance(spec)
+        serial.wait_for_marker(
+            src_node.host_path(serial.serial_log_path(spec.name)), guest_image.boot_marker
+        )
+        before = sorted(os.listdir(src_node.host_path(folder)))
+        assert before == ["cidata.iso", "nfs.qcow2", "scratch.qcow2"]
+        info = src.migration_info(spec)
+        dst.accept_instance(spec, info, dst_node.address)
+        target = values.MigrationTarget(dst_node.name, dst_node.address, dst_node.uri)
+        with pytest.raises(errors.MigrationError, match="without shared storage is unsafe"):
+            src.migrate_instance(spec, target, live=True)
+        dst.finalize_migration_dst(spec, info, False)
+        src.finalize_migration_source(spec, False, True)
+        running = src.get_instance_info(spec.name)
+        assert running is not None and running.state is values.InstanceState.RUNNING
+        assert sorted(os.listdir(src_node.host_path(folder))) == before
+        assert os.listdir(dst_node.host_path(folder)) == ["nfs.qcow2"]  # shared: never removed
+    finally:
+        for drv in (src, dst):
+            with contextlib.suppress(errors.HypervisorError):
+                drv.stop_instance(None, force=True, name=spec.name)
+                drv.cleanup_instance(spec.name)
+            drv.release_instance_storage(spec)
+
+
 def test_failed_migration_removes_what_the_target_prepared(
     libvirt_nodes: Any, guest_image: Any, image_server: ImageServer, tmp_path: Path
 ) -> None:

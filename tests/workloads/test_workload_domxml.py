@@ -144,6 +144,8 @@ def test_storage_migration_leaves_disks_declared_shared() -> None:
     flags, params = workloads.storage_migration(storage, _build(spec), spec)
     assert flags == libvirt.VIR_MIGRATE_NON_SHARED_INC
     assert params == {libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"]}  # root only
+    drivers = domxml.parse(_build(spec)).findall("devices/disk/driver")
+    assert [d.get("cache") for d in drivers[:2]] == [None, "none"]  # no host cache if shared
     everything = tuple(dataclasses.replace(d, shared=True) for d in base.disks)
     spec = dataclasses.replace(spec, disks=everything)
     assert workloads.storage_migration(storage, _build(spec), spec) == (0, {})

@@ -138,7 +138,11 @@ def _disks(
         per_bus[bus] = index + 1
         el = _sub(devices, "disk", type=disk.kind.value, device=disk.device.value)
         driver = {"name": "qemu", "type": disk.format.value}
-        if cache != "default" and disk.device is values.DiskDevice.DISK:
+        if disk.shared and disk.source is not values.DiskSource.HOST_PATH:
+            # Declared shared: another node opens the same file after a migration, so no
+            # host page cache may hold its writes (libvirt refuses the migration otherwise).
+            driver["cache"] = "none"
+        elif cache != "default" and disk.device is values.DiskDevice.DISK:
             driver["cache"] = cache
         _sub(el, "driver", **driver)
         if disk.kind is values.DiskKind.BLOCK:
