@@ -360,8 +360,9 @@ class VirtualInstanceStatus(base.ApiModel):
     )
     conditions: list[cond.Condition] = Field(
         default_factory=list,
-        description="Ready, ParametersValid and Migrating are written by the node agent; "
-        "Scheduled by the controller.",
+        description="Ready, ParametersValid, Migrating and ImagesReady (the download of "
+        "image disks into the node's cache: progress, then Cached or the failure's reason) are "
+        "written by the node agent; Scheduled by the controller.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
