@@ -111,8 +111,10 @@ def plan(
         )
     if disks_here:
         parts.append(
-            f"not running, with disks only on {node} (start them so that the drain migrates "
-            "them with their disks, or delete them): " + ", ".join(sorted(disks_here))
+            f"not running, with disks only on {node}, so not re-placed (start them with "
+            "evictionPolicy LiveMigrate or Migrate and the drain migrates them with their "
+            "disks; evicted ones start here again when the drain ends; or delete them): "
+            + ", ".join(sorted(disks_here))
         )
     if failed:
         parts.append("migration failed: " + "; ".join(sorted(failed)))
