@@ -32,6 +32,17 @@ def progress_dict(
     return result
 
 
+def final_figures(
+    done: values.MigrationStatus, last_active: values.MigrationStatus | None
+) -> values.MigrationStatus:
+    """The figures of a completed copy: the hypervisor's own when it kept them, else those of
+    the last sample taken while it ran (a domain that left the source has no job statistics,
+    and zeros would overwrite the progress already shown)."""
+    if done.memory_total_bytes or done.disk_total_bytes or last_active is None:
+        return done
+    return dataclasses.replace(last_active, state=done.state, message=done.message)
+
+
 @dataclasses.dataclass
 class ProgressTracker:
     """Turns successive MigrationStatus samples into a rate and a no-progress verdict."""
