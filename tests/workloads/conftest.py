@@ -55,11 +55,14 @@ class ImageServer:
                 if server.delay_s:
                     threading.Event().wait(server.delay_s)
                 step = server.SLOW_BYTES_S // 4 if slow else len(data) or 1
-                for at in range(0, len(data), step):
-                    self.wfile.write(data[at : at + step])
-                    self.wfile.flush()
-                    if slow:
-                        threading.Event().wait(0.25)
+                try:
+                    for at in range(0, len(data), step):
+                        self.wfile.write(data[at : at + step])
+                        self.wfile.flush()
+                        if slow:
+                            threading.Event().wait(0.25)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading (a size limit hit): what it may do
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -261,7 +261,9 @@ def test_cloud_image_ssh_migrate_restart_delete(
         return st if moved or st.get("phase") in ("Failed", "Aborted") else None
 
     ended = wait_for(migration_ended, 900, "Migration move InstanceMoved or ended", interval=1)
-    print(f"MEASURED storage live migration: {time.monotonic() - t1:.0f} s")
+    print(
+        f"MEASURED storage live migration: {time.monotonic() - t1:.0f} s, {ended.get('progress')}"
+    )
     assert ended.get("phase") not in ("Failed", "Aborted"), ended
     wait_for(
         lambda: (
