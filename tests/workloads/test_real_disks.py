@@ -187,6 +187,14 @@ def _node_driver(node: Any, guest: Any, state: Path) -> LibvirtHypervisor:
     )
 
 
+def _remove_everywhere(spec: values.InstanceSpec, *drivers: LibvirtHypervisor) -> None:
+    for drv in drivers:
+        with contextlib.suppress(errors.HypervisorError):
+            drv.stop_instance(None, force=True, name=spec.name)
+            drv.cleanup_instance(spec.name)
+        drv.release_instance_storage(spec)
+
+
 def test_storage_migration_moves_the_overlay(
     libvirt_nodes: Any, guest_image: Any, image_server: ImageServer, tmp_path: Path
 ) -> None:
@@ -236,11 +244,7 @@ def test_storage_migration_moves_the_overlay(
             + 1,
         )
     finally:
-        for drv in (src, dst):
-            with contextlib.suppress(errors.HypervisorError):
-                drv.stop_instance(None, force=True, name=spec.name)
-                drv.cleanup_instance(spec.name)
-            drv.release_instance_storage(spec)
+        _remove_everywhere(spec, src, dst)
 
 
 def test_disk_declared_shared_is_not_copied(
@@ -277,11 +281,7 @@ def test_disk_declared_shared_is_not_copied(
         assert sorted(os.listdir(src_node.host_path(folder))) == before
         assert os.listdir(dst_node.host_path(folder)) == ["nfs.qcow2"]  # shared: never removed
     finally:
-        for drv in (src, dst):
-            with contextlib.suppress(errors.HypervisorError):
-                drv.stop_instance(None, force=True, name=spec.name)
-                drv.cleanup_instance(spec.name)
-            drv.release_instance_storage(spec)
+        _remove_everywhere(spec, src, dst)
 
 
 def test_failed_migration_removes_what_the_target_prepared(
