@@ -31,6 +31,7 @@ controlplane:
 
 guest:
 	@bash tests/guest/build-guest.sh >/dev/null
+	@bash tests/guest/build-cloud-image.sh >/dev/null
 
 # The real node's binaries (kubelet, controller-manager, scheduler, kube-proxy, pause) for
 # tests/kubelet; its image layers are built and cached by the tests (kubehv/devenv/image.py).

@@ -65,7 +65,9 @@ def vi_body(name: str, ns: str, image: GuestImage, node: str | None) -> dict[str
     }
 
 
-def driver_for(node: Any, image: GuestImage, state: Path) -> base.BaseHypervisor:
+def driver_for(
+    node: Any, image: GuestImage, state: Path, **settings: values.ParamValue
+) -> base.BaseHypervisor:
     return driver_registry.create_driver(
         "kvm",
         values.DriverConfig(
@@ -75,6 +77,7 @@ def driver_for(node: Any, image: GuestImage, state: Path) -> base.BaseHypervisor
             params={
                 "serial_log_dir": serial.DEFAULT_SERIAL_LOG_DIR,
                 "allowed_dirs": str(Path(image.kernel).parent),
+                **settings,
             },
         ),
     )
@@ -173,7 +176,7 @@ def run_start(cp: Any, image: GuestImage, runs: int) -> dict[str, Any]:
 # --- migration -------------------------------------------------------------------------------
 
 
-def _migration(name: str, ns: str, vm: str, target: str) -> dict[str, Any]:
+def migration_body(name: str, ns: str, vm: str, target: str) -> dict[str, Any]:
     return {
         "apiVersion": f"{common.GROUP}/{common.VERSION}",
         "kind": "Migration",
@@ -218,7 +221,7 @@ def run_migration(cp: Any, image: GuestImage, nodes: Any, runs: int) -> dict[str
                 t0 = time.time()
                 cluster.custom.create_namespaced_custom_object(
                     common.GROUP, common.VERSION, ns, "migrations",
-                    _migration(mig, ns, vm, target.name),
+                    migration_body(mig, ns, vm, target.name),
                 )  # fmt: skip
                 t1 = w.wait([mig], 300)[mig]
                 phase = (w.last[mig].get("status") or {}).get("phase")

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import balloon, common, kvm, rss, scale
-from kubehv.devenv import controlplane, guest, libvirtd, netns
+from bench import balloon, cloud, common, kvm, rss, scale
+from kubehv.devenv import cloudimage, controlplane, guest, libvirtd, netns
 from tests.fixtures import kube as kubefix
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
-SECTIONS = ("start", "migration", "scale", "rss", "balloon")
+SECTIONS = ("start", "migration", "scale", "rss", "balloon", "cloud")
 TARGETS: dict[str, tuple[str, float]] = {
     "start_overhead_p50_s": ("<=", 0.5),
     "migration_ratio": ("<=", 1.2),
@@ -41,6 +41,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-n", type=int, default=None)
     p.add_argument("--rss-n", type=int, default=None)
     p.add_argument("--balloon-rounds", type=int, default=None)
+    p.add_argument("--cloud-runs", type=int, default=None)
     p.add_argument("--output", type=Path, default=RESULTS)
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' log folder")
     args = p.parse_args(argv)
@@ -50,6 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.scale_n = args.scale_n or (30 if q else 300)
     args.rss_n = args.rss_n or (100 if q else 1000)
     args.balloon_rounds = args.balloon_rounds or (3 if q else 10)
+    args.cloud_runs = args.cloud_runs or (1 if q else 3)
     return args
 
 
@@ -160,12 +162,43 @@ def bench_balloon(cp: Any, image: guest.GuestImage, rounds: int, res: dict[str, 
     }
 
 
+def bench_cloud(cp: Any, image: guest.GuestImage, runs: int, res: dict[str, Any]) -> None:
+    cloud_image = cloudimage.ensure_cloud_image()
+    nodes = netns.NodeSet(count=2)
+    try:
+        nodes.start()
+        out = cloud.run(cp, image, cloud_image, nodes, runs)
+    finally:
+        nodes.stop()
+    op, direct = common.median(out["op_ssh"]), common.median(out["direct_ssh"])
+    res["cloud_ssh_ready_ratio"] = r(op / direct)
+    # Against the raw libvirt storage copy (migrateToURI3 + NON_SHARED_INC, nothing else).
+    res["storage_migration_ratio"] = r(out["op_migration"] / out["direct_migrate_call"])
+    res["storage_migration_vs_driver_protocol_ratio"] = r(
+        out["op_migration"] / out["direct_migration"]
+    )
+    res["cloud"] = {
+        "runs": runs,
+        "image_bytes": cloud_image.size_bytes,
+        "image_cold_build_s": cloud_image.build_seconds,
+        "operator_apply_to_ssh_p50_s": r(op),
+        "direct_start_to_ssh_p50_s": r(direct),
+        "operator_apply_to_address_p50_s": r(common.median(out["op_ip"])),
+        "direct_start_to_address_p50_s": r(common.median(out["direct_ip"])),
+        "operator_storage_migration_s": r(out["op_migration"]),
+        "direct_storage_migration_protocol_s": r(out["direct_migration"]),
+        "direct_libvirt_migrate_call_s": r(out["direct_migrate_call"]),
+        "raw": {k: v if isinstance(v, float) else [r(x) for x in v] for k, v in out.items()},
+    }
+
+
 def table(res: dict[str, Any]) -> str:
     rows = [("figure", "value", "target", "met")]
     for key in (
         "start_overhead_p50_s", "start_overhead_p95_s", "migration_ratio", "scale_p50_s",
         "scale_p95_s", "scale_ratio", "api_writes_per_instance", "agent_rss_mb_1000",
         "balloon_density_ratio", "balloon_reclaim_p50_s", "balloon_reclaim_p95_s",
+        "cloud_ssh_ready_ratio", "storage_migration_ratio",
     ):  # fmt: skip
         if key not in res:
             continue
@@ -191,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(kubefix.CRD_DIR))
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         kubefix.wait_discoverable(cp)
-        image = guest.ensure_guest() if only & {"start", "migration", "balloon"} else None
+        image = guest.ensure_guest() if only & {"start", "migration", "balloon", "cloud"} else None
         for name in SECTIONS:
             if name not in only:
                 continue
@@ -207,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_rss(cp, args.rss_n, res)
             elif name == "balloon" and image is not None:
                 bench_balloon(cp, image, args.balloon_rounds, res)
+            elif name == "cloud" and image is not None:
+                bench_cloud(cp, image, args.cloud_runs, res)
             res.setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
         ok = True
     finally:

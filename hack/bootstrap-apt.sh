@@ -10,7 +10,10 @@ PKGS=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvi
       libvirt-dev pkg-config gcc python3-dev python3-venv
       iproute2 busybox-static cpio gzip psmisc procps kmod
       prometheus
-      containerd runc containernetworking-plugins iptables conntrack socat ethtool debootstrap)
+      containerd runc containernetworking-plugins iptables conntrack socat ethtool debootstrap
+      dosfstools mtools syslinux syslinux-common fdisk ovmf dnsmasq-base openssh-client)
+# debootstrap ... fdisk: the cloud-init test image (tests/guest/build-cloud-image.sh);
+# ovmf: firmware: uefi; dnsmasq-base: DHCP of the node-local NAT network libvirt runs.
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -74,6 +74,13 @@ RESOURCES: tuple[Resource, ...] = (
             _col("VCPUs", "integer", ".spec.vcpus", "Virtual CPUs."),
             _col("Hypervisor", "string", ".spec.hypervisor", "Driver.", priority=1),
             _col("Actual", "string", ".status.actualMemory", "Memory now.", priority=1),
+            _col(
+                "IP",
+                "string",
+                ".status.interfaces[0].ipAddresses[0]",
+                "First address of the first guest interface.",
+                priority=1,
+            ),
             _AGE,
         ),
         selectable=(".status.nodeName", ".spec.hypervisor"),

@@ -83,12 +83,21 @@ class MigrationSpec(base.StrictModel):
 
 
 class Progress(base.ApiModel):
-    """How far the memory copy is. Written by the source node's agent."""
+    """How far the memory (and node-local disk) copy is. Written by the source node's agent."""
 
     memory_total: int | None = Field(default=None, description="Guest memory in bytes.", ge=0)
     memory_processed: int | None = Field(default=None, description="Bytes copied so far.", ge=0)
     memory_remaining: int | None = Field(default=None, description="Bytes still to copy.", ge=0)
-    percent: int | None = Field(default=None, description="Percent done.", ge=0, le=100)
+    disk_total: int | None = Field(
+        default=None,
+        description="Bytes of node-local disks copied with the guest (storage migration).",
+        ge=0,
+    )
+    disk_processed: int | None = Field(default=None, description="Disk bytes copied.", ge=0)
+    disk_remaining: int | None = Field(default=None, description="Disk bytes to copy.", ge=0)
+    percent: int | None = Field(
+        default=None, description="Percent done (memory and disk bytes together).", ge=0, le=100
+    )
     rate_bytes_per_second: int | None = Field(
         default=None, description="Current copy rate in bytes per second.", ge=0
     )

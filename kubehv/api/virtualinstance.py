@@ -17,6 +17,13 @@ from pydantic import Field
 from kubehv.api import base, constants, quantity
 from kubehv.api import conditions as cond
 from kubehv.api import metadata as meta
+from kubehv.api.workloads import (
+    CloudInitSpec,
+    DiskSpec,
+    Firmware,
+    InterfaceStatus,
+    SecretKeyRef,
+)
 
 
 class RunState(enum.StrEnum):
@@ -47,23 +54,6 @@ class EvictionPolicy(enum.StrEnum):
     LIVE_MIGRATE = "LiveMigrate"
     MIGRATE = "Migrate"
     STOP = "Stop"
-
-
-class DiskType(enum.StrEnum):
-    FILE = "file"
-    BLOCK = "block"
-
-
-class DiskFormat(enum.StrEnum):
-    RAW = "raw"
-    QCOW2 = "qcow2"
-
-
-class DiskBus(enum.StrEnum):
-    VIRTIO = "virtio"
-    SATA = "sata"
-    SCSI = "scsi"
-    IDE = "ide"
 
 
 class NicType(enum.StrEnum):
@@ -138,18 +128,6 @@ class BootSpec(base.StrictModel):
     cmdline: str | None = Field(default=None, description="Kernel command line.")
 
 
-class DiskSpec(base.StrictModel):
-    """A disk attached to the instance, in the order given."""
-
-    path: str = Field(description="Path of the image file or block device on the node.")
-    type: DiskType = Field(default=DiskType.FILE, description="file or block.")
-    format: DiskFormat = Field(default=DiskFormat.RAW, description="Image format: raw or qcow2.")
-    bus: DiskBus = Field(
-        default=DiskBus.VIRTIO, description="Bus the guest sees: virtio, sata, scsi or ide."
-    )
-    read_only: pydantic.StrictBool = Field(default=False, description="Attach the disk read-only.")
-
-
 class NicSpec(base.StrictModel):
     """A network interface of the instance, in the order given."""
 
@@ -157,8 +135,8 @@ class NicSpec(base.StrictModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.type == 'user' || has(self.source)",
-                    "message": "nics: source is required for network and bridge interfaces",
+                    "rule": "self.type != 'bridge' || has(self.source)",
+                    "message": "nics: source is required for bridge interfaces",
                 }
             ]
         }
@@ -166,10 +144,13 @@ class NicSpec(base.StrictModel):
 
     type: NicType = Field(
         default=NicType.USER,
-        description="user (user-mode NAT), network (a hypervisor network) or bridge.",
+        description="user (user-mode NAT), network (a hypervisor network; the node's own NAT "
+        "network with DHCP when source is unset) or bridge (a host bridge to the node's LAN).",
     )
     source: str | None = Field(
-        default=None, description="Network or bridge name; required unless type is user."
+        default=None,
+        description="Network or bridge name; required for bridge, the node's NAT network "
+        "when unset for network.",
     )
     model: NicModel = Field(
         default=NicModel.VIRTIO, description="Device model: virtio, e1000 or rtl8139."
@@ -182,16 +163,9 @@ class NicSpec(base.StrictModel):
 
     @pydantic.model_validator(mode="after")
     def _source(self) -> NicSpec:
-        if self.type is not NicType.USER and self.source is None:
-            raise ValueError("nics: source is required for network and bridge interfaces")
+        if self.type is NicType.BRIDGE and self.source is None:
+            raise ValueError("nics: source is required for bridge interfaces")
         return self
-
-
-class SecretKeyRef(base.StrictModel):
-    """A key of a Secret in the instance's namespace."""
-
-    name: str = Field(description="Secret name.", min_length=1)
-    key: str = Field(description="Key within the Secret.", min_length=1)
 
 
 class VncSpec(base.StrictModel):
@@ -295,8 +269,16 @@ class VirtualInstanceSpec(base.StrictModel):
         default_factory=dict,
         description="Only nodes whose NodeHypervisor carries all these labels are eligible.",
     )
-    boot: BootSpec | None = Field(default=None, description="Direct kernel boot.")
+    boot: BootSpec | None = Field(
+        default=None, description="Direct kernel boot (otherwise the firmware boots a disk)."
+    )
+    firmware: Firmware = Field(
+        default=Firmware.BIOS, description="bios (SeaBIOS, default) or uefi (OVMF)."
+    )
     disks: list[DiskSpec] = Field(default_factory=list, description="Disks, in bus order.")
+    cloud_init: CloudInitSpec | None = Field(
+        default=None, description="cloud-init NoCloud data for the guest."
+    )
     nics: list[NicSpec] = Field(default_factory=list, description="Network interfaces.")
     console: ConsoleSpec = Field(
         default_factory=ConsoleSpec,
@@ -378,8 +360,9 @@ class VirtualInstanceStatus(base.ApiModel):
     )
     conditions: list[cond.Condition] = Field(
         default_factory=list,
-        description="Ready, ParametersValid and Migrating are written by the node agent; "
-        "Scheduled by the controller.",
+        description="Ready, ParametersValid, Migrating and ImagesReady (the download of "
+        "image disks into the node's cache: progress, then Cached or the failure's reason) are "
+        "written by the node agent; Scheduled by the controller.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
@@ -388,6 +371,11 @@ class VirtualInstanceStatus(base.ApiModel):
     observed_generation: int | None = Field(
         default=None,
         description="metadata.generation the node agent last acted on. Written by the node agent.",
+    )
+    interfaces: list[InterfaceStatus] | None = Field(
+        default=None,
+        description="Guest network interfaces with their addresses, in NIC order; absent "
+        "while the instance does not run. Written by the node agent.",
     )
     message: str | None = Field(
         default=None, description="Last notable event, for people. Written by the node agent."

@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "restart": ("kubehv.cli.power", "reboot an instance (bump spec.rebootGeneration)"),
     "pause": ("kubehv.cli.power", "pause an instance (spec.runState=Paused)"),
     "unpause": ("kubehv.cli.power", "resume a paused instance (spec.runState=Running)"),
+    "ssh": ("kubehv.cli.ssh", "ssh to an instance at its published address"),
 }
 
 

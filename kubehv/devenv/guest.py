@@ -40,12 +40,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KUBEHV_CACHE") or Path.home() / ".cache" / "kubehv")
 
 
-def ensure_guest(timeout: float = 600.0) -> GuestImage:
-    """Build the guest if not cached yet and return it (safe from concurrent sessions)."""
+def run_build_script(script: Path, timeout: float) -> Path:
+    """Run a cached build script of tests/guest/ and return the folder it printed last."""
     env = dict(os.environ, KUBEHV_CACHE=str(cache_dir()))
     try:
         proc = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)],
+            ["bash", str(script)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -53,12 +53,15 @@ def ensure_guest(timeout: float = 600.0) -> GuestImage:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise GuestBuildError(f"{BUILD_SCRIPT} failed: {exc}") from exc
+        raise GuestBuildError(f"{script} failed: {exc}") from exc
     if proc.returncode != 0:
-        raise GuestBuildError(
-            f"{BUILD_SCRIPT} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
-        )
-    out = Path(proc.stdout.strip().splitlines()[-1])
+        raise GuestBuildError(f"{script} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_guest(timeout: float = 600.0) -> GuestImage:
+    """Build the guest if not cached yet and return it (safe from concurrent sessions)."""
+    out = run_build_script(BUILD_SCRIPT, timeout)
     kernel, initrd = out / "vmlinuz", out / "initrd.img"
     for f in (kernel, initrd):
         if not f.is_file():

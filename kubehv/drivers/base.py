@@ -18,7 +18,7 @@ import glob
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
 import psutil
@@ -134,6 +134,29 @@ class BaseHypervisor(abc.ABC):
         Verified condition. Use :meth:`format_verify_results` for Ganeti's string form.
         """
         return values.VerifyResult()
+
+    def fetch_instance_images(
+        self,
+        instance: values.InstanceSpec,
+        progress: Callable[[values.ImageProgress], None] | None = None,
+    ) -> None:
+        """Download the images the instance's disks name into the node's cache (verified;
+        nothing when cached already), reporting ``progress`` from the calling thread.
+
+        ``start_instance`` and ``accept_instance`` fetch what is missing themselves; callers
+        use this first to show the download. Drivers without an image cache do nothing.
+        """
+
+    def get_instance_interfaces(self, instance_name: str) -> list[values.GuestInterface]:
+        """The guest's NICs with the addresses the hypervisor knows (empty when none)."""
+        return []
+
+    def release_instance_storage(self, instance: values.InstanceSpec) -> list[str]:
+        """The instance is deleted: remove the disks the node made for it (deletePolicy).
+
+        Returns what was removed. Drivers without node-made disks have nothing to do.
+        """
+        return []
 
     def list_foreign_instances(self) -> list[str]:
         """Running instances on this node that this driver did not create (orphans)."""
@@ -415,7 +438,9 @@ def check_instance_spec(instance: values.InstanceSpec) -> None:
             if path is not None and not parameters.is_absolute_path(path):
                 problems.append(f"{label} path {path!r} must be an absolute, normalised path")
     for disk in instance.disks:
-        if not parameters.is_absolute_path(disk.path):
+        if disk.source is values.DiskSource.HOST_PATH and not parameters.is_absolute_path(
+            disk.path
+        ):
             problems.append(f"disk path {disk.path!r} must be an absolute, normalised path")
     for nic in instance.nics:
         if nic.mac is not None and not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", nic.mac):

@@ -56,6 +56,31 @@ class DiskKind(enum.StrEnum):
     BLOCK = "block"
 
 
+class DiskSource(enum.StrEnum):
+    """Where a disk's data comes from: a node path, a cloud image (overlay), or nothing."""
+
+    HOST_PATH = "hostPath"
+    IMAGE = "image"
+    BLANK = "blank"
+
+
+class DiskDevice(enum.StrEnum):
+    DISK = "disk"
+    CDROM = "cdrom"
+
+
+class DeletePolicy(enum.StrEnum):
+    """What happens to a disk the node made (image overlay, blank) when its instance is deleted."""
+
+    DELETE = "Delete"
+    RETAIN = "Retain"
+
+
+class Firmware(enum.StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
 class NicKind(enum.StrEnum):
     USER = "user"
     NETWORK = "network"
@@ -78,14 +103,77 @@ class KernelBoot:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Disk:
-    """A block device given to the instance (Ganeti's ``block_devices``)."""
+class ImageRef:
+    """A cloud image to download: an HTTP(S) URL and the SHA-256 its bytes must have."""
+
+    url: str
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackingFile:
+    """One layer under a disk (what the domain XML pins as ``<backingStore>``)."""
 
     path: str
+    format: DiskFormat
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Disk:
+    """A block device given to the instance (Ganeti's ``block_devices``).
+
+    ``source`` hostPath disks name their ``path``. Image and blank disks are made by the
+    node (:mod:`kubehv.drivers.storage`): ``path`` is empty until the driver prepares them,
+    then it is the instance's own qcow2 file and ``backing`` its chain (the cached image).
+    ``size_bytes`` is the virtual size to create (blank) or grow to (image overlay).
+    """
+
+    path: str = ""
     kind: DiskKind = DiskKind.FILE
     format: DiskFormat = DiskFormat.RAW
     bus: DiskBus = DiskBus.VIRTIO
     readonly: bool = False
+    source: DiskSource = DiskSource.HOST_PATH
+    name: str = ""
+    image: ImageRef | None = None
+    size_bytes: int | None = None
+    delete_policy: DeletePolicy = DeletePolicy.DELETE
+    device: DiskDevice = DiskDevice.DISK
+    backing: tuple[BackingFile, ...] = ()
+    boot_order: int | None = None
+    shared: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CloudInit:
+    """cloud-init NoCloud seed data. ``user_data`` may come from a Secret: never logged."""
+
+    instance_id: str
+    hostname: str
+    user_data: str | None = dataclasses.field(default=None, repr=False)
+    network_data: str | None = dataclasses.field(default=None, repr=False)
+    ssh_authorized_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ssh_authorized_keys", tuple(self.ssh_authorized_keys))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageProgress:
+    """How far the download of one image into the node's cache is."""
+
+    url: str
+    done_bytes: int
+    total_bytes: int | None = None  # when the server said
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GuestInterface:
+    """A guest network interface as the hypervisor knows it (DHCP lease, guest agent, ARP)."""
+
+    name: str
+    mac: str
+    ip_addresses: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,6 +218,9 @@ class InstanceSpec:
     console: ConsoleSpec = dataclasses.field(default_factory=ConsoleSpec)
     params: Mapping[str, ParamValue] = dataclasses.field(default_factory=dict)
     free_page_reporting: bool = False  # the guest returns freed pages to the host itself
+    namespace: str = ""
+    firmware: Firmware = Firmware.BIOS
+    cloud_init: CloudInit | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", _frozen_mapping(self.params))
@@ -235,15 +326,20 @@ class MigrationStatus:
     memory_processed_bytes: int = 0
     memory_remaining_bytes: int = 0
     message: str = ""
+    disk_total_bytes: int = 0  # storage copy of node-local disks (0: none copied)
+    disk_processed_bytes: int = 0
+    disk_remaining_bytes: int = 0
 
     @property
     def percent(self) -> float:
+        """Memory and disk bytes together: a storage migration is mostly disk."""
         if self.state is MigrationState.COMPLETED:
             return 100.0
-        if self.memory_total_bytes <= 0:
+        total = self.memory_total_bytes + self.disk_total_bytes
+        if total <= 0:
             return 0.0
-        done = self.memory_total_bytes - self.memory_remaining_bytes
-        return max(0.0, min(100.0, 100.0 * done / self.memory_total_bytes))
+        done = total - self.memory_remaining_bytes - self.disk_remaining_bytes
+        return max(0.0, min(100.0, 100.0 * done / total))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -21,7 +21,15 @@ import kopf
 from kubehv import api
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
-from kubehv.operator import balloon_loop, context, k8s, memory_footprint, metrics, node_status
+from kubehv.operator import (
+    balloon_loop,
+    context,
+    k8s,
+    memory_footprint,
+    metrics,
+    node_status,
+    workloads,
+)
 from kubehv.operator import owner as owner_mod
 from kubehv.operator import settings as opsettings
 
@@ -89,6 +97,14 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> owne
         balloons = balloon_loop.BalloonLoop(ctx, owner)
         tasks.append(asyncio.create_task(balloons.run_forever(), name="balloon"))
         tasks.append(asyncio.create_task(memory_footprint.trim_forever(), name="heap-trim"))
+        addresses = workloads.AddressPublisher(
+            ctx.kube,
+            ctx.driver,
+            owner.instances,
+            owner.remember_body,
+            ctx.settings.resync_interval_s,
+        )
+        tasks.append(asyncio.create_task(addresses.run_forever(), name="addresses"))
 
     @kopf.on.cleanup(registry=registry, id="agent-timers-stop")
     async def stop_timers(**_: Any) -> None:

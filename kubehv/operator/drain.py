@@ -12,7 +12,9 @@ Migration protocol (limits, version checks, failure handling, abort) is the only
   starts it cold elsewhere.
 * an instance that runs nowhere (Stopped, Failed, Evicted) needs no migration whatever its
   policy: the controller clears ``status.nodeName`` (guarded by resourceVersion) and
-  placement re-places it (a Stopped one stays stopped on its new node).
+  placement re-places it (a Stopped one stays stopped on its new node) -- unless its disks
+  exist only on this node (image or blank disks not declared shared): only a migration of
+  the running guest carries them along, so it stays and the Drained message names it.
 
 Progress is the NodeHypervisor condition ``Drained`` (False with what is left, then True).
 """
@@ -75,10 +77,14 @@ def plan(
     to_replace: list[sched.InstanceFacts] = []
     waiting_stop: list[str] = []
     pinned: list[str] = []
+    disks_here: list[str] = []
     failed: list[str] = []
     by_name = {(m.namespace, m.name): m for m in migrations}
     for inst in on_node:
         if (inst.namespace, inst.name) in busy:
+            continue
+        if inst.phase in NOT_RUNNING and inst.local_disks:
+            disks_here.append(inst.name)  # re-placing it would leave its disks behind
             continue
         if inst.phase in NOT_RUNNING:
             to_replace.append(inst)  # nothing runs: no migration needed, place it elsewhere
@@ -102,6 +108,13 @@ def plan(
     if pinned:
         parts.append(
             f"pinned to {node} by spec.nodeName (unpin or stop them): " + ", ".join(sorted(pinned))
+        )
+    if disks_here:
+        parts.append(
+            f"not running, with disks only on {node}, so not re-placed (start them with "
+            "evictionPolicy LiveMigrate or Migrate and the drain migrates them with their "
+            "disks; evicted ones start here again when the drain ends; or delete them): "
+            + ", ".join(sorted(disks_here))
         )
     if failed:
         parts.append("migration failed: " + "; ".join(sorted(failed)))

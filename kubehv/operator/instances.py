@@ -20,7 +20,16 @@ from typing import Any
 from kubehv import api
 from kubehv.api import virtualinstance as vim
 from kubehv.drivers import errors, values
-from kubehv.operator import context, events, instance_logic, k8s, metrics, status, translate
+from kubehv.operator import (
+    context,
+    events,
+    instance_logic,
+    k8s,
+    metrics,
+    status,
+    translate,
+    workloads,
+)
 from kubehv.operator import owner_logic as ol
 
 log = logging.getLogger(__name__)
@@ -163,9 +172,12 @@ class InstanceActs:
     # --- start ---------------------------------------------------------------------------
 
     def _spec(
-        self, vi: api.VirtualInstance, password_file: str | None = None
+        self,
+        vi: api.VirtualInstance,
+        password_file: str | None = None,
+        user_data: str | None = None,
     ) -> values.InstanceSpec:
-        return translate.instance_spec(vi, self.ctx.node_defaults, password_file)
+        return translate.instance_spec(vi, self.ctx.node_defaults, password_file, user_data)
 
     async def _start(
         self, subject: Subject, observed: IL.Observed, hist: IL.History, restart: bool
@@ -173,7 +185,9 @@ class InstanceActs:
         cls = self.ctx.driver_cls
         vi, name = subject.vi, subject.name
         try:
-            spec = self._spec(subject.vi, await self._password_file(subject))
+            password_file = await self._password_file(subject)
+            user_data = await workloads.user_data(self.kube, subject.vi)
+            spec = self._spec(subject.vi, password_file, user_data)
             checked = cls.check_parameter_syntax(spec.params)
             cls.validate_parameters(spec.params)
             spec = dataclasses.replace(spec, params=checked)
@@ -206,7 +220,9 @@ class InstanceActs:
         now = time.time()
         if observed.state is not None:
             await k8s.call(self._cleanup, name)  # a crashed leftover of the last run
+        images = workloads.ImageFetch(self.kube, self.driver, vi, self.remember)
         try:
+            await images.run(spec)  # downloads shown in ImagesReady before the start
             with metrics.timed_driver_call("start_instance"):
                 await k8s.call(
                     self.driver.start_instance,
@@ -216,6 +232,8 @@ class InstanceActs:
         except errors.InstanceAlreadyRunning:
             pass
         except errors.HypervisorError as exc:
+            subject = Subject(images.vi)
+            vi = subject.vi
             hist.failed_starts += 1
             hist.restarts.append(now)
             give_up = not exc.retryable or hist.failed_starts >= self.policy.crash_limit
@@ -230,6 +248,8 @@ class InstanceActs:
             await self.write(subject, new)
             await self._event(subject, exc.reason, exc.message, events.WARNING)
             return False
+        subject = Subject(images.vi)
+        vi = subject.vi
         hist.failed_starts = 0
         restart_count = None
         if restart:
@@ -396,6 +416,8 @@ class InstanceActs:
             raise errors.InstanceStopError(f"instance {subject.name} is still running")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._password_path(subject))
+        with metrics.timed_driver_call("release_instance_storage"):
+            await k8s.call(self.driver.release_instance_storage, spec)
         await self._set_finalizer(subject, add=False)
         await self._event(subject, "Deleted", f"instance {subject.name} stopped and removed")
 

@@ -23,9 +23,24 @@ def progress_dict(
         "memoryRemaining": int(status.memory_remaining_bytes),
         "percent": int(status.percent),
     }
+    if status.disk_total_bytes:  # a storage migration: the disk copy is most of the bytes
+        result["diskTotal"] = int(status.disk_total_bytes)
+        result["diskProcessed"] = int(status.disk_processed_bytes)
+        result["diskRemaining"] = int(status.disk_remaining_bytes)
     if rate_bytes_s is not None:
         result["rateBytesPerSecond"] = int(rate_bytes_s)
     return result
+
+
+def final_figures(
+    done: values.MigrationStatus, last_active: values.MigrationStatus | None
+) -> values.MigrationStatus:
+    """The figures of a completed copy: the hypervisor's own when it kept them, else those of
+    the last sample taken while it ran (a domain that left the source has no job statistics,
+    and zeros would overwrite the progress already shown)."""
+    if done.memory_total_bytes or done.disk_total_bytes or last_active is None:
+        return done
+    return dataclasses.replace(last_active, state=done.state, message=done.message)
 
 
 @dataclasses.dataclass
@@ -40,23 +55,26 @@ class ProgressTracker:
     rate_bytes_s: float | None = None
 
     def update(self, status: values.MigrationStatus, at: float) -> bool:
-        """Record a sample taken at monotonic time ``at``; True if it shows progress."""
-        moved = (
-            status.memory_processed_bytes != self.last_processed
-            or status.memory_remaining_bytes != self.last_remaining
-        )
+        """Record a sample taken at monotonic time ``at``; True if it shows progress.
+
+        Memory and disk bytes count together: during a storage migration's disk copy the
+        memory figures stand still, and that is progress, not a stall.
+        """
+        processed = status.memory_processed_bytes + status.disk_processed_bytes
+        remaining = status.memory_remaining_bytes + status.disk_remaining_bytes
+        moved = processed != self.last_processed or remaining != self.last_remaining
         if (
             self.last_sample_at is not None
             and self.last_processed >= 0
             and at > self.last_sample_at
         ):
-            delta = status.memory_processed_bytes - self.last_processed
+            delta = processed - self.last_processed
             if delta >= 0:
                 self.rate_bytes_s = delta / (at - self.last_sample_at)
         if moved or self.last_change_at is None:
             self.last_change_at = at
-        self.last_processed = status.memory_processed_bytes
-        self.last_remaining = status.memory_remaining_bytes
+        self.last_processed = processed
+        self.last_remaining = remaining
         self.last_sample_at = at
         return moved
 

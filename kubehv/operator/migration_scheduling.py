@@ -71,6 +71,7 @@ class InstanceFacts:
     deleting: bool = False
     pin: str | None = None
     selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    local_disks: bool = False  # image/blank disks not declared shared: only on its node
 
     @classmethod
     def of(cls, vi: api.VirtualInstance) -> InstanceFacts:
@@ -89,6 +90,9 @@ class InstanceFacts:
             deleting=bool(vi.metadata.deletion_timestamp),
             pin=vi.spec.node_name or None,
             selector=dict(vi.spec.node_selector),
+            local_disks=any(
+                (d.image is not None or d.blank is not None) and not d.shared for d in vi.spec.disks
+            ),
         )
 
     @property

@@ -168,6 +168,7 @@ class SourceRole(roles.Role):
         tracker = progress.ProgressTracker(stall_timeout_s=self.stall_timeout_s)
         seen = _Copy()
         last_progress: dict[str, int] | None = None
+        last_active: values.MigrationStatus | None = None
         current = view
         looks = 0
         while True:
@@ -187,6 +188,7 @@ class SourceRole(roles.Role):
                 break  # the hypervisor's answer is the outcome
             at = time.monotonic()
             if status.state is State.ACTIVE:
+                last_active = status
                 tracker.update(status, at)
                 shown = progress.progress_dict(status, tracker.rate_bytes_s)
                 if shown != last_progress:
@@ -211,7 +213,9 @@ class SourceRole(roles.Role):
                     view.key,
                     seen.abort_reason,
                 )
-            await self._completed(current, status, tracker.rate_bytes_s)
+            await self._completed(
+                current, progress.final_figures(status, last_active), tracker.rate_bytes_s
+            )
             return
         if seen.abort_reason is not None:
             reason = f"{seen.abort_reason}; the instance still runs on {self.node}"
@@ -249,7 +253,14 @@ class SourceRole(roles.Role):
         rate: float | None = None,
     ) -> None:
         final = progress.progress_dict(
-            dataclasses.replace(last, state=State.COMPLETED, memory_remaining_bytes=0), rate
+            dataclasses.replace(
+                last,
+                state=State.COMPLETED,
+                memory_remaining_bytes=0,
+                disk_processed_bytes=last.disk_total_bytes,
+                disk_remaining_bytes=0,
+            ),
+            rate,
         )
         metrics.record_migration_bytes(last.memory_processed_bytes)
         for _ in range(5):

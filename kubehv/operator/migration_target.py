@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from kubehv.drivers import errors
-from kubehv.operator import journal, k8s
+from kubehv.operator import journal, k8s, translate, workloads
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import migration_roles as roles
 
@@ -30,7 +30,11 @@ def _completed(exc: BaseException) -> bool:
 class TargetRole(roles.Role):
     async def accept(self, view: ml.MigrationView) -> None:
         try:
-            _vi, spec = await self.instance(view)
+            vi, spec = await self.instance(view)
+            # The seed ISO is rebuilt here: with the Secret's user data, as the source had it.
+            spec = translate.instance_spec(
+                vi, self.ctx.node_defaults, user_data=await workloads.user_data(self.kube, vi)
+            )
             address = (await self.node_object(self.node)).spec.migration_address or ""
             await self.journal(view, journal.Role.TARGET, journal.Stage.ACCEPTING, view.source_node)
             await k8s.call(self.driver.accept_instance, spec, view.migration_info, address)

@@ -17,6 +17,7 @@ from typing import Any
 from kubehv import api
 from kubehv.api import quantity
 from kubehv.api import virtualinstance as vim
+from kubehv.api import workloads as wl
 from kubehv.drivers import values
 
 _MAX_NAME = 128
@@ -85,16 +86,70 @@ def _boot(spec: vim.VirtualInstanceSpec) -> values.KernelBoot | None:
     )
 
 
-def _disks(spec: vim.VirtualInstanceSpec) -> tuple[values.Disk, ...]:
-    return tuple(
-        values.Disk(
-            path=d.path,
-            kind=values.DiskKind(d.type.value),
-            format=values.DiskFormat(d.format.value),
-            bus=values.DiskBus(d.bus.value),
-            readonly=d.read_only,
+def _bytes(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(quantity.parse_decimal(str(value)))
+    except (ValueError, ArithmeticError):
+        return None
+
+
+def _disk(d: wl.DiskSpec) -> values.Disk:
+    common: dict[str, Any] = {
+        "name": d.name or "",
+        "bus": values.DiskBus(d.bus.value),
+        "readonly": d.read_only,
+        "boot_order": d.boot_order or None,
+        "delete_policy": values.DeletePolicy(d.delete_policy.value),
+        "shared": d.shared or d.path is not None,
+    }
+    if d.image is not None:
+        return values.Disk(
+            source=values.DiskSource.IMAGE,
+            image=values.ImageRef(url=d.image.url, sha256=d.image.sha256),
+            size_bytes=_bytes(d.image.size),
+            format=values.DiskFormat.QCOW2,
+            **common,
         )
-        for d in spec.disks
+    if d.blank is not None:
+        return values.Disk(
+            source=values.DiskSource.BLANK,
+            size_bytes=_bytes(d.blank.size),
+            format=values.DiskFormat.QCOW2,
+            **common,
+        )
+    return values.Disk(
+        path=d.path or "",
+        kind=values.DiskKind(d.type.value),
+        format=values.DiskFormat(d.format.value),
+        **common,
+    )
+
+
+def _disks(spec: vim.VirtualInstanceSpec) -> tuple[values.Disk, ...]:
+    return tuple(_disk(d) for d in spec.disks)
+
+
+def user_data_secret_ref(vi: api.VirtualInstance | Mapping[str, Any]) -> tuple[str, str] | None:
+    """(Secret name, key) of the cloud-init user data, when the spec names one."""
+    ci = typed(vi).spec.cloud_init
+    ref = ci.user_data_secret_ref if ci is not None else None
+    if ref is None:
+        return None
+    return ref.name, ref.key
+
+
+def _cloud_init(model: api.VirtualInstance, user_data: str | None) -> values.CloudInit | None:
+    ci = model.spec.cloud_init
+    if ci is None:
+        return None
+    return values.CloudInit(
+        instance_id=model.metadata.uid or instance_name(model),
+        hostname=model.metadata.name or "",
+        user_data=user_data if user_data is not None else ci.user_data,
+        network_data=ci.network_data,
+        ssh_authorized_keys=tuple(ci.ssh_authorized_keys),
     )
 
 
@@ -102,7 +157,7 @@ def _nics(spec: vim.VirtualInstanceSpec) -> tuple[values.Nic, ...]:
     return tuple(
         values.Nic(
             kind=values.NicKind(n.type.value),
-            source=n.source or None,
+            source=n.source or None,  # network without source: the node's NAT
             model=values.NicModel(n.model.value),
             mac=n.mac.lower() if n.mac else None,
         )
@@ -125,8 +180,12 @@ def instance_spec(
     vi: api.VirtualInstance | Mapping[str, Any],
     node_defaults: Mapping[str, Any] | None = None,
     vnc_password_file: str | None = None,
+    user_data: str | None = None,
 ) -> values.InstanceSpec:
-    """The driver's view of a VirtualInstance. Raises ValueError on an invalid object."""
+    """The driver's view of a VirtualInstance. Raises ValueError on an invalid object.
+
+    ``user_data``: the cloud-init user data read from ``userDataSecretRef`` by the caller.
+    """
     model = typed(vi)
     spec = model.spec
     return values.InstanceSpec(
@@ -141,4 +200,7 @@ def instance_spec(
         console=_console(spec, vnc_password_file),
         params=merged_params(spec, node_defaults),
         free_page_reporting=spec.memory.free_page_reporting,
+        namespace=model.metadata.namespace or "default",
+        firmware=values.Firmware(spec.firmware.value),
+        cloud_init=_cloud_init(model, user_data),
     )

@@ -92,7 +92,7 @@ CASES: list[Case] = [
     (
         "nic-bridge-without-source",
         m.vi("bad-nic", nics=[{"type": "bridge"}]),
-        "source is required for network and bridge interfaces",
+        "source is required for bridge interfaces",
         True,
     ),
     (

@@ -48,6 +48,7 @@ from tests.fixtures.operator import (
 )
 
 SERIAL_LOG_DIR = serial.DEFAULT_SERIAL_LOG_DIR
+NODE_STORAGE = "/var/lib/libvirt/kubehv"
 
 
 class KvmCluster:
@@ -79,6 +80,10 @@ class KvmCluster:
                 "--heartbeat-interval", "2", "--resync-interval", "1",
                 "--driver-param", f"serial_log_dir={SERIAL_LOG_DIR}",
                 "--driver-param", f"allowed_dirs={guest_dir}",
+                # Node-local instance storage: the same path inside every node (its private
+                # /var/lib/libvirt), reached by the agent through the node's host folder.
+                "--driver-param", f"storage_dir={NODE_STORAGE}",
+                "--driver-param", f"storage_dir_agent={node.host_path(NODE_STORAGE)}",
                 "--restart-backoff", "1", "--stop-timeout", "5",
             ]  # fmt: skip
             self.agents[node.name] = Proc(

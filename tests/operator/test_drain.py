@@ -66,6 +66,19 @@ def test_plan_names_pinned_instances_instead_of_migrating_them() -> None:
     assert "pinned to a by spec.nodeName" in message and "pinned" in message
 
 
+def test_plan_keeps_stopped_instances_whose_disks_are_only_here() -> None:
+    """Re-placing a stopped instance with node-local disks would start it elsewhere on a
+    fresh overlay (its data left behind): it stays, and Drained says why."""
+    here = dataclasses.replace(inst("db", phase="Stopped"), local_disks=True)
+    running = dataclasses.replace(inst("web"), local_disks=True)
+    to_migrate, to_replace, message = drain.plan(
+        "a", [here, running, inst("tmp", phase="Failed")], []
+    )
+    assert [i.name for i in to_migrate] == ["web"]  # a migration carries the disks along
+    assert [i.name for i in to_replace] == ["tmp"]
+    assert "not running, with disks only on a" in message and "db" in message
+
+
 def test_migration_target_respects_pin_and_selector() -> None:
     facts = dataclasses.replace(inst("vm"), selector={"zone": "z1"})
     source = sched.NodeFacts("a", True, True, True, "fake", 4096, "1.0", True, "a")

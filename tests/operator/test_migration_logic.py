@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Any
 
@@ -440,6 +441,41 @@ def test_progress_tracker_rate_and_stall() -> None:
         }
         or shown["percent"] == 10
     )
+
+
+def test_progress_counts_disk_bytes_of_a_storage_migration() -> None:
+    """The disk copy runs first and memory figures stand still meanwhile: not a stall."""
+    tracker = progress.ProgressTracker(stall_timeout_s=10)
+
+    def disk(processed: int) -> values.MigrationStatus:
+        return values.MigrationStatus(
+            state=values.MigrationState.ACTIVE,
+            memory_total_bytes=1000,
+            memory_remaining_bytes=1000,
+            disk_total_bytes=3000,
+            disk_processed_bytes=processed,
+            disk_remaining_bytes=3000 - processed,
+        )
+
+    assert tracker.update(disk(0), 0.0)
+    assert tracker.update(disk(1000), 8.0)
+    assert tracker.update(disk(2000), 16.0)
+    assert not tracker.stalled(20.0)
+    assert tracker.rate_bytes_s == pytest.approx(125.0)
+    shown = progress.progress_dict(disk(2000), tracker.rate_bytes_s)
+    assert shown["diskTotal"] == 3000 and shown["diskRemaining"] == 1000
+    assert shown["percent"] == 50  # (4000 - 1000 - 1000) of 4000 bytes
+
+
+def test_final_figures_keep_the_last_sample_when_the_hypervisor_has_none() -> None:
+    seen = dataclasses.replace(st(900, 100), disk_total_bytes=3000, disk_processed_bytes=2900)
+    gone = values.MigrationStatus(state=values.MigrationState.COMPLETED)  # domain left
+    final = progress.final_figures(gone, seen)
+    assert final.state is values.MigrationState.COMPLETED
+    assert (final.memory_total_bytes, final.disk_total_bytes) == (1000, 3000)
+    kept = st(1000, 0, "completed")  # the hypervisor kept its own statistics: those win
+    assert progress.final_figures(kept, seen) is kept
+    assert progress.final_figures(gone, None) is gone
 
 
 def test_recover_running_cleanup_mode() -> None:

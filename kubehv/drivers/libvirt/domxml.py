@@ -18,6 +18,7 @@ the driver lists only domains with that tag and calls the others foreign.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
@@ -42,6 +43,8 @@ class DomainSettings:
     serial_log_dir: str
     startup_memory_mib: int
     vnc_password: str | None = None
+    uefi_loader: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    uefi_vars_template: str = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,10 +91,16 @@ def _metadata(root: ET.Element, spec: values.InstanceSpec) -> None:
 
 
 def _os(
-    root: ET.Element, spec: values.InstanceSpec, params: Mapping[str, values.ParamValue]
+    root: ET.Element,
+    spec: values.InstanceSpec,
+    params: Mapping[str, values.ParamValue],
+    settings: DomainSettings,
 ) -> None:
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=str(params.get("machine_type") or "pc"))
+    if spec.firmware is values.Firmware.UEFI:
+        _sub(os_el, "loader", settings.uefi_loader, readonly="yes", type="pflash")
+        _sub(os_el, "nvram", template=settings.uefi_vars_template)
     kernel = spec.boot.kernel if spec.boot else str(params.get("kernel_path") or "")
     initrd = spec.boot.initrd if spec.boot else str(params.get("initrd_path") or "")
     cmdline = spec.boot.cmdline if spec.boot else str(params.get("kernel_args") or "")
@@ -101,8 +110,8 @@ def _os(
             _sub(os_el, "initrd", initrd)
         if cmdline:
             _sub(os_el, "cmdline", cmdline)
-    else:
-        _sub(os_el, "boot", dev="hd")
+    elif not any(d.boot_order for d in spec.disks):
+        _sub(os_el, "boot", dev="hd")  # per-device <boot order> excludes <os><boot>
 
 
 def _cpu(root: ET.Element, params: Mapping[str, values.ParamValue]) -> None:
@@ -120,27 +129,67 @@ def _disks(
     per_bus: dict[values.DiskBus, int] = {}
     cache = str(params.get("disk_cache") or "default")
     for disk in spec.disks:
-        index = per_bus.get(disk.bus, 0)
-        per_bus[disk.bus] = index + 1
-        el = _sub(devices, "disk", type=disk.kind.value, device="disk")
+        bus = disk.bus
+        if disk.device is values.DiskDevice.CDROM and bus is values.DiskBus.SATA:
+            # i440fx ("pc") machines have IDE, not AHCI: a CD-ROM goes where the machine has it.
+            machine = str(params.get("machine_type") or "pc")
+            bus = values.DiskBus.SATA if "q35" in machine else values.DiskBus.IDE
+        index = per_bus.get(bus, 0)
+        per_bus[bus] = index + 1
+        el = _sub(devices, "disk", type=disk.kind.value, device=disk.device.value)
         driver = {"name": "qemu", "type": disk.format.value}
-        if cache != "default":
+        if disk.shared and disk.source is not values.DiskSource.HOST_PATH:
+            # Declared shared: another node opens the same file after a migration, so no
+            # host page cache may hold its writes (libvirt refuses the migration otherwise).
+            driver["cache"] = "none"
+        elif cache != "default" and disk.device is values.DiskDevice.DISK:
             driver["cache"] = cache
         _sub(el, "driver", **driver)
         if disk.kind is values.DiskKind.BLOCK:
             _sub(el, "source", dev=disk.path)
         else:
             _sub(el, "source", file=disk.path)
-        _sub(el, "target", dev=_disk_target(disk.bus, index), bus=disk.bus.value)
+        if disk.backing or disk.source is not values.DiskSource.HOST_PATH:
+            _backing_chain(el, disk.backing)
+        _sub(el, "target", dev=_disk_target(bus, index), bus=bus.value)
+        if disk.boot_order:
+            _sub(el, "boot", order=str(disk.boot_order))
         if disk.readonly:
             _sub(el, "readonly")
 
 
+def _backing_chain(parent: ET.Element, chain: tuple[values.BackingFile, ...]) -> None:
+    """Pin the whole backing chain: libvirt then never probes a (guest-writable) header."""
+    for layer in chain:
+        parent = _sub(parent, "backingStore", type="file")
+        _sub(parent, "format", type=layer.format.value)
+        _sub(parent, "source", file=layer.path)
+    _sub(parent, "backingStore")  # the chain ends here
+
+
+def _guest_agent(devices: ET.Element, spec: values.InstanceSpec) -> None:
+    """A virtio channel for qemu-guest-agent (guest addresses), for cloud-init guests."""
+    if spec.cloud_init is not None:
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+
+
+def stable_mac(uid: str, index: int) -> str:
+    """The MAC of NIC ``index`` when the spec gives none: the same on every start and node.
+
+    libvirt would pick a random one at each define, so a stop and start (or any restart)
+    would change the guest's DHCP address; derived from the instance's uid, it stays.
+    """
+    digest = hashlib.sha256(f"{uid}/{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
 def _nics(devices: ET.Element, spec: values.InstanceSpec) -> None:
-    for nic in spec.nics:
+    for index, nic in enumerate(spec.nics):
         el = _sub(devices, "interface", type=nic.kind.value)
-        if nic.mac:
-            _sub(el, "mac", address=nic.mac)
+        mac = nic.mac or (stable_mac(spec.uid, index) if spec.uid else None)
+        if mac:
+            _sub(el, "mac", address=mac)
         if nic.kind is values.NicKind.NETWORK:
             _sub(el, "source", network=nic.source or "default")
         elif nic.kind is values.NicKind.BRIDGE:
@@ -186,7 +235,7 @@ def build(
     _sub(root, "memory", str(spec.memory_max_mib * 1024), unit="KiB")
     _sub(root, "currentMemory", str(settings.startup_memory_mib * 1024), unit="KiB")
     _sub(root, "vcpu", str(spec.vcpus), placement="static")
-    _os(root, spec, params)
+    _os(root, spec, params, settings)
     features = _sub(root, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
@@ -199,6 +248,7 @@ def build(
     _disks(devices, spec, params)
     _nics(devices, spec)
     _consoles(devices, spec, settings)
+    _guest_agent(devices, spec)
     period = int(params.get("balloon_stats_period_s") or 0)
     memstats.memballoon(devices, period, spec.free_page_reporting)
     return to_text(root)

@@ -23,12 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import ClassVar
 
 import libvirt
 
 from kubehv.drivers import base, errors, values
-from kubehv.drivers.libvirt import connection, domxml, memstats, migration_steps, outcome
+from kubehv.drivers.libvirt import (
+    connection,
+    domxml,
+    memstats,
+    migration_steps,
+    outcome,
+    workloads,
+)
 from kubehv.drivers.libvirt import params as hvparams
 
 _STATES = {
@@ -67,6 +75,7 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
         super().__init__(config)
         self.settings = hvparams.node_settings(config.params)
         hvparams.set_allowed_dirs(self.settings.allowed_dirs)
+        self.storage = workloads.node_storage(self.settings, config)
         self.conn = connection.Connection(config.uri)
         # Hints that only label what libvirt shows (see ``outcome.source_status``): names
         # whose migrateToURI3 runs in this object, and names this object asked to abort.
@@ -157,6 +166,8 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
             serial_log_dir=self.settings.serial_log_dir,
             startup_memory_mib=startup_memory_mib,
             vnc_password=self._read_password(password_file) if spec.console.vnc else None,
+            uefi_loader=self.settings.uefi_loader,
+            uefi_vars_template=self.settings.uefi_vars_template,
         )
         return domxml.build(spec, params, settings)
 
@@ -180,6 +191,8 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
                     raise errors.InstanceAlreadyRunning(instance.name)
                 existing.undefine()  # a persistent, stopped leftover of ours
             memory = self.instance_startup_memory(instance)
+            prepared = workloads.prepare(self.storage, self.conn.get(), self.settings, instance)
+            instance = prepared.spec
             xml = self.domain_xml(instance, memory)
             flags = libvirt.VIR_DOMAIN_START_PAUSED if startup_paused else 0
             if self.conn.is_test_driver():
@@ -189,6 +202,7 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
                 if startup_paused and not flags:
                     dom.suspend()
             except libvirt.libvirtError as exc:
+                workloads.discard(prepared)
                 if connection.is_connection_error(exc):
                     raise
                 raise errors.InstanceStartError(
@@ -250,6 +264,28 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
             if dom.isPersistent():
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.undefine()
+
+    def fetch_instance_images(
+        self,
+        instance: values.InstanceSpec,
+        progress: Callable[[values.ImageProgress], None] | None = None,
+    ) -> None:
+        self.storage.fetch_images(instance, progress)
+
+    def release_instance_storage(self, instance: values.InstanceSpec) -> list[str]:
+        return self.storage.release(instance)
+
+    def get_instance_interfaces(self, instance_name: str) -> list[values.GuestInterface]:
+        with self.conn.translated(f"read the addresses of {instance_name}"):
+            dom = self._lookup(instance_name)
+            try:
+                if dom is None or not _active(dom) or self._tag(dom) is None:
+                    return []
+                return workloads.guest_interfaces(dom)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return []  # it left meanwhile (migrated away, deleted)
+                raise
 
     def reboot_instance(self, instance: values.InstanceSpec) -> None:
         params = hvparams.instance_params(instance)

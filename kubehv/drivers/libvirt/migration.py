@@ -102,11 +102,15 @@ def migrate(
     live: bool,
     bandwidth_mib_s: int,
     downtime_ms: int,
+    extra_flags: int = 0,
+    extra_params: dict[str, object] | None = None,
 ) -> None:
     """Run the migration; blocks until done. Raises MigrationError / MigrationAborted.
 
     The job runs in the source libvirtd (peer to peer): if this thread or its process goes
     away, libvirtd carries on; the outcome is read by :mod:`kubehv.drivers.libvirt.outcome`.
+    ``extra_flags``/``extra_params``: the storage copy of node-local disks, if any
+    (:func:`kubehv.drivers.libvirt.workloads.storage_migration`).
     """
     if not target.uri:
         raise errors.MigrationError(
@@ -116,7 +120,8 @@ def migrate(
     if live and downtime_ms > 0:
         _set_max_downtime(dom, downtime_ms)
     try:
-        dom.migrateToURI3(target.uri, params_for(target, bandwidth_mib_s), flags_for(live))
+        params: dict[str, object] = {**params_for(target, bandwidth_mib_s), **(extra_params or {})}
+        dom.migrateToURI3(target.uri, params, flags_for(live) | extra_flags)
     except libvirt.libvirtError as exc:
         if connection.is_connection_error(exc) and not _alive(dom):
             raise  # OUR connection died: the job may go on; the caller reads the outcome

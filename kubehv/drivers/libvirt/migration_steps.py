@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import libvirt
 
 from kubehv.drivers import base, errors, values
-from kubehv.drivers.libvirt import connection, domxml, migration, outcome
+from kubehv.drivers.libvirt import connection, domxml, migration, outcome, workloads
 from kubehv.drivers.libvirt import params as hvparams
+from kubehv.drivers.storage import disks
 
 
 class MigrationSteps:
@@ -25,6 +26,8 @@ class MigrationSteps:
 
     config: values.DriverConfig
     conn: connection.Connection
+    settings: hvparams.NodeSettings
+    storage: disks.NodeStorage
     _starting: set[str]
     _aborted: set[str]
     _lock: threading.Lock
@@ -64,6 +67,7 @@ class MigrationSteps:
             if self._lookup(instance.name) is not None:
                 raise errors.InstanceAlreadyRunning(instance.name)
             base.startup_memory(instance, self.get_node_info().memory_free_mib)
+            workloads.accept(self.storage, self.conn.get(), self.settings, instance)
 
     def migrate_instance(
         self,
@@ -97,7 +101,9 @@ class MigrationSteps:
         if downtime is None:
             downtime = int(params["migration_downtime_ms"])
         with self.conn.translated(f"migrate {instance.name}"):
-            uuid = self._own(instance.name).UUIDString()
+            dom = self._own(instance.name)
+            uuid = dom.UUIDString()
+            flags, extra = workloads.storage_migration(self.storage, dom.XMLDesc(0), instance)
             with self.conn.dedicated() as private:
                 migration.migrate(
                     private.lookupByUUIDString(uuid),
@@ -105,6 +111,8 @@ class MigrationSteps:
                     live=live,
                     bandwidth_mib_s=bandwidth,
                     downtime_ms=downtime,
+                    extra_flags=flags,
+                    extra_params=extra,
                 )
 
     def get_migration_status(
@@ -146,6 +154,8 @@ class MigrationSteps:
                         f"{instance.name!r} did not arrive on this node after a migration "
                         "reported as successful"
                     )
+                if dom is None:  # nothing of that name here: drop what accept_instance made
+                    self.storage.drop_local(instance)
                 return
             if success:
                 # libvirt resumed the copy itself (or left it paused because the source
@@ -159,6 +169,7 @@ class MigrationSteps:
             if not outcome.incoming(dom):
                 raise errors.MigrationCompleted(instance.name, self.config.node_name)
             _remove(dom)  # still incoming: the source copy exists, this one must not run
+            self.storage.drop_local(instance)  # what accept_instance made
 
     def finalize_migration_source(
         self, instance: values.InstanceSpec, success: bool, live: bool
@@ -174,6 +185,8 @@ class MigrationSteps:
             tag = self._tag(dom) if dom is not None else None
             ours = dom is not None and tag is not None and tag.uid == instance.uid
             if success:
+                if dom is None:  # it left: its node-made disks live on the target now
+                    self.storage.drop_local(instance)
                 if not ours or dom is None:
                     return
                 still = outcome.source_status(dom, starting=False, name=instance.name)
@@ -183,6 +196,7 @@ class MigrationSteps:
                         f"migration has not completed ({still.state.value}: {still.message})"
                     )
                 _remove(dom)
+                self.storage.drop_local(instance)  # the disks live on the target now
                 return
             if not ours or dom is None or not outcome.is_active(dom):
                 raise errors.MigrationError(

@@ -74,6 +74,9 @@ def _active_status(dom: libvirt.virDomain, stats: dict[str, Any]) -> values.Migr
         memory_processed_bytes=int(stats.get("memory_processed", 0)),
         memory_remaining_bytes=remaining,
         message=f"elapsed {int(stats.get('time_elapsed', 0))} ms",
+        disk_total_bytes=int(stats.get("disk_total", 0)),
+        disk_processed_bytes=int(stats.get("disk_processed", 0)),
+        disk_remaining_bytes=int(stats.get("disk_remaining", 0)),
     )
 
 

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 
 from kubehv.drivers import errors, parameters, values
+from kubehv.drivers.storage import errors as storage_errors
 
 ACCELERATORS = ("auto", "kvm", "tcg")
 DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
@@ -32,7 +33,7 @@ def _cache_dir() -> str:
 
 def default_allowed_dirs() -> tuple[str, ...]:
     """Where host files named by parameters may live unless the node says otherwise."""
-    return ("/var/lib/kubehv", "/var/lib/libvirt/images", _cache_dir())
+    return ("/var/lib/libvirt/images", _cache_dir())
 
 
 _allowed_dirs: tuple[str, ...] = default_allowed_dirs()
@@ -50,6 +51,31 @@ def allowed_dirs() -> tuple[str, ...]:
 
 _under_allowed = parameters.path_under(allowed_dirs)
 
+# Never allowed for a manifest's host paths, even inside an allowed directory: the agent's
+# state directory (VNC password files of every instance) and the node-managed instance storage
+# (other namespaces' overlays, the image cache). Published by the driver like the allowed list.
+_forbidden_dirs: tuple[str, ...] = ()
+_agent_vnc_dir: str | None = None
+
+
+def set_forbidden_dirs(dirs: tuple[str, ...], agent_vnc_dir: str | None = None) -> None:
+    """Publish the directories no manifest path may reach, and where the agent's files live."""
+    global _forbidden_dirs, _agent_vnc_dir  # noqa: PLW0603 - node-wide, like _allowed_dirs
+    _forbidden_dirs = tuple(os.path.normpath(d) for d in dirs if d)
+    _agent_vnc_dir = os.path.normpath(agent_vnc_dir) if agent_vnc_dir else None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def is_forbidden(path: values.ParamValue) -> bool:
+    """Inside the state directory or instance storage (by name or after resolving links)."""
+    if not isinstance(path, str) or not path:
+        return False
+    real = os.path.realpath(path)
+    return any(_inside(path, d) or _inside(real, d) for d in _forbidden_dirs)
+
 
 def is_optional_path(value: values.ParamValue) -> bool:
     """Syntax: empty (not set) or an absolute, normalised path without metacharacters."""
@@ -60,7 +86,12 @@ def is_optional_allowed_file(value: values.ParamValue) -> bool:
     """Node: empty, or an existing regular file inside one of the allowed directories."""
     if value == "":
         return True
-    return _under_allowed(value) and isinstance(value, str) and os.path.isfile(value)
+    return (
+        _under_allowed(value)
+        and isinstance(value, str)
+        and not is_forbidden(value)
+        and os.path.isfile(value)
+    )
 
 
 def is_allowed_file(path: str) -> bool:
@@ -69,7 +100,7 @@ def is_allowed_file(path: str) -> bool:
 
 def is_allowed_path(path: str) -> bool:
     """For disks: files or block devices, inside the allowed directories."""
-    return parameters.is_absolute_path(path) and _under_allowed(path)
+    return parameters.is_absolute_path(path) and _under_allowed(path) and not is_forbidden(path)
 
 
 def _kvm_usable_on_node(value: values.ParamValue) -> bool:
@@ -222,6 +253,72 @@ NODE_SETTINGS: dict[str, parameters.Parameter] = {
             ),
             syntax_message="must be absolute paths separated by ':'",
         ),
+        _P(
+            "storage_dir",
+            str,
+            "directory (as seen by libvirtd/QEMU) holding the image cache and the disks the "
+            "node makes for instances (instances/<namespace>/<name>/)",
+            default="/var/lib/kubehv/storage",
+            syntax_check=parameters.is_absolute_path,
+            syntax_message="must be an absolute, normalised path",
+        ),
+        _P(
+            "storage_dir_agent",
+            str,
+            "the same directory as the agent reaches it, when that differs (empty: storage_dir)",
+            default="",
+            syntax_check=is_optional_path,
+            syntax_message=_PATH_MSG,
+        ),
+        _P(
+            "image_max_size_mib",
+            int,
+            "largest image download the node accepts, in MiB",
+            default=20480,
+            syntax_check=parameters.is_non_negative,
+            syntax_message="must be a non-negative number of MiB",
+        ),
+        _P(
+            "uefi_loader",
+            str,
+            "UEFI firmware code for firmware: uefi (Debian's OVMF)",
+            default="/usr/share/OVMF/OVMF_CODE_4M.fd",
+            syntax_check=parameters.is_absolute_path,
+            syntax_message="must be an absolute, normalised path",
+        ),
+        _P(
+            "uefi_vars_template",
+            str,
+            "UEFI variable store template copied for each firmware: uefi instance",
+            default="/usr/share/OVMF/OVMF_VARS_4M.fd",
+            syntax_check=parameters.is_absolute_path,
+            syntax_message="must be an absolute, normalised path",
+        ),
+        _P(
+            "nat_network",
+            str,
+            "libvirt network that 'type: network' NICs without a source join; the driver "
+            "creates it (NAT + DHCP, node-local) when missing",
+            default="kubehv",
+            syntax_check=parameters.matches(r"[A-Za-z0-9_.-]{1,64}"),
+            syntax_message="must be a network name",
+        ),
+        _P(
+            "nat_bridge",
+            str,
+            "host bridge device of the NAT network",
+            default="kubehv0",
+            syntax_check=parameters.matches(r"[A-Za-z0-9_.-]{1,15}"),
+            syntax_message="must be an interface name of at most 15 characters",
+        ),
+        _P(
+            "nat_cidr",
+            str,
+            "subnet of the NAT network (the node takes the first address, DHCP the rest)",
+            default="192.168.150.0/24",
+            syntax_check=parameters.matches(r"\d{1,3}(\.\d{1,3}){3}/(1[6-9]|2[0-9])"),
+            syntax_message="must be an IPv4 subnet such as 192.168.150.0/24 (/16 to /29)",
+        ),
     )
 }
 
@@ -230,6 +327,14 @@ NODE_SETTINGS: dict[str, parameters.Parameter] = {
 class NodeSettings:
     serial_log_dir: str
     allowed_dirs: tuple[str, ...]
+    storage_dir: str = "/var/lib/kubehv/storage"
+    storage_dir_agent: str = ""
+    image_max_size_mib: int = 20480
+    uefi_loader: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    uefi_vars_template: str = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    nat_network: str = "kubehv"
+    nat_bridge: str = "kubehv0"
+    nat_cidr: str = "192.168.150.0/24"
 
 
 def node_settings(config_params: Mapping[str, values.ParamValue]) -> NodeSettings:
@@ -238,6 +343,14 @@ def node_settings(config_params: Mapping[str, values.ParamValue]) -> NodeSetting
     return NodeSettings(
         serial_log_dir=str(checked["serial_log_dir"]),
         allowed_dirs=tuple(d for d in str(checked["allowed_dirs"]).split(":") if d),
+        storage_dir=str(checked["storage_dir"]),
+        storage_dir_agent=str(checked["storage_dir_agent"]),
+        image_max_size_mib=int(checked["image_max_size_mib"]),
+        uefi_loader=str(checked["uefi_loader"]),
+        uefi_vars_template=str(checked["uefi_vars_template"]),
+        nat_network=str(checked["nat_network"]),
+        nat_bridge=str(checked["nat_bridge"]),
+        nat_cidr=str(checked["nat_cidr"]),
     )
 
 
@@ -255,13 +368,27 @@ def check_instance_on_node(spec: values.InstanceSpec) -> None:
     files: list[tuple[str, str | None]] = []
     if spec.boot is not None:
         files += [("kernel", spec.boot.kernel), ("initrd", spec.boot.initrd)]
-    files.append(("VNC password file", spec.console.vnc_password_file))
+    vnc_file = spec.console.vnc_password_file
+    if vnc_file is not None and not (
+        # The agent's own copy of this instance's Secret: trusted where the agent keeps it.
+        _agent_vnc_dir is not None
+        and _inside(os.path.normpath(vnc_file), _agent_vnc_dir)
+        and os.path.isfile(vnc_file)
+    ):
+        files.append(("VNC password file", vnc_file))
     for label, path in files:
         if path is not None and not is_allowed_file(path):
             problems.append(
                 f"{label} {path!r} must be an existing file inside the allowed directories ({dirs})"
             )
     for disk in spec.disks:
+        if disk.source is not values.DiskSource.HOST_PATH:
+            continue
+        if is_forbidden(disk.path):
+            raise storage_errors.DiskPathForbidden(
+                f"disk {disk.path!r} lies inside storage this node manages (instances' own "
+                "disks, the image cache, the agent's state); no manifest may name it"
+            )
         if not is_allowed_path(disk.path):
             problems.append(
                 f"disk {disk.path!r} must exist inside the allowed directories ({dirs})"
