@@ -114,9 +114,7 @@ class Demo:
             )
         progress(f"installing {len(files)} CRD file(s) from {CRDS_DIR}")
         self.cp.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))
-        self.cp.kubectl(
-            "wait", "--for=condition=Established", "crd", "--all", "--timeout=120s", timeout=150
-        )
+        self.cp.wait_established()
 
     def choose_driver(self) -> None:
         if self.requested_driver == "fake":

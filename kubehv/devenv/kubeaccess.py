@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,36 @@ class KubeAccess:
         if check and proc.returncode != 0:
             raise KubectlError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
+
+    def wait_established(self, names: list[str] | None = None, timeout: float = 120.0) -> None:
+        """Wait until the CRDs ``names`` (all CRDs when None) are Established.
+
+        Polls ``kubectl get`` rather than ``kubectl wait``: right after a CRD is created the
+        API server may not have written any condition yet, and ``kubectl wait`` then fails at
+        once ("status.conditions accessor error: <nil>") instead of waiting.
+        """
+        targets = [f"crd/{n}" for n in names] if names else ["crd"]
+        template = (
+            '{range .items[*]}{.metadata.name}={range .status.conditions[?(@.type=="Established")]}'
+            '{.status}{end}{"\\n"}{end}'
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.kubectl(
+                "get", *targets, "-o", f"jsonpath={template}", "--ignore-not-found", check=False
+            )
+            rows = [line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line]
+            pending = [name for name, state in rows if state != "True"]
+            found = {name for name, _ in rows}
+            missing = [n for n in names or [] if n not in found]
+            if proc.returncode == 0 and rows and not pending and not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"CRDs not Established after {timeout:.0f} s: "
+                    f"{', '.join(pending + missing) or proc.stderr.strip() or 'none found'}"
+                )
+            time.sleep(0.3)
 
     def api_client(self) -> k8s_client.ApiClient:
         """A new ``kubernetes.client.ApiClient`` configured from the kubeconfig."""

@@ -81,8 +81,7 @@ def example_instance(name: str, namespace: str) -> dict[str, Any]:
 
 
 def wait_crds_established(cp: controlplane.ControlPlane, names: list[str]) -> None:
-    for name in names:
-        cp.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=120s")
+    cp.wait_established(names)
 
 
 @pytest.fixture(scope="session")
