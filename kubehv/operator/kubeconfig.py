@@ -81,9 +81,9 @@ def _path(value: str | None, base: Path) -> str | None:
 
 
 def _named(items: list[dict[str, Any]] | None, name: str, kind: str, source: str) -> dict[str, Any]:
-    for item in items or []:
-        if item.get("name") == name:
-            return dict(item.get(kind) or {})
+    for kubeconfig_entry in items or []:
+        if kubeconfig_entry.get("name") == name:
+            return dict(kubeconfig_entry.get(kind) or {})
     raise ConfigError(f"{source}: no {kind} named {name!r}")
 
 
@@ -91,12 +91,14 @@ def from_kubeconfig(path: str, context: str | None = None) -> Credentials:
     """The current (or named) context of one kubeconfig file."""
     source = Path(os.path.expanduser(path))
     config = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-    ctx_name = context or config.get("current-context")
-    if not ctx_name:
+    context_name = context or config.get("current-context")
+    if not context_name:
         raise ConfigError(f"{source}: no current-context")
-    ctx = _named(config.get("contexts"), ctx_name, "context", str(source))
-    cluster = _named(config.get("clusters"), ctx.get("cluster", ""), "cluster", str(source))
-    user = _named(config.get("users"), ctx.get("user", ""), "user", str(source))
+    kube_context = _named(config.get("contexts"), context_name, "context", str(source))
+    cluster = _named(
+        config.get("clusters"), kube_context.get("cluster", ""), "cluster", str(source)
+    )
+    user = _named(config.get("users"), kube_context.get("user", ""), "user", str(source))
     if "exec" in user or "auth-provider" in user:
         raise ConfigError(f"{source}: exec/auth-provider users are not supported by kubehv")
     base = source.parent
@@ -118,7 +120,7 @@ def from_kubeconfig(path: str, context: str | None = None) -> Credentials:
         key_file=_private_file(key, ".key") if key else key_path,
         token=user.get("token"),
         token_file=_path(user.get("tokenFile"), base),
-        namespace=ctx.get("namespace"),
+        namespace=kube_context.get("namespace"),
     )  # fmt: skip
     if not creds.server:
         raise ConfigError(f"{source}: the cluster has no server")

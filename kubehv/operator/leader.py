@@ -168,10 +168,10 @@ class Elector:
         transitions = record.transitions + (0 if mine else 1)
         lease["spec"] = self._spec(transitions, not mine, spec)
         try:  # the read's resourceVersion rides along: a racing writer makes this a 409
-            written = self.api.replace(self._path(self.name), lease, timeout)
+            lease = self.api.replace(self._path(self.name), lease, timeout)
         except rest.Conflict:
             return False
-        self._observe(_record(written.get("spec") or {}))
+        self._observe(_record(lease.get("spec") or {}))
         return True
 
     # --- the loops ---------------------------------------------------------------------------

@@ -56,9 +56,10 @@ class Conflict(ApiError):
 def _error(status: int, data: bytes, method: str, path: str) -> ApiError:
     reason, message = "", data[:500].decode("utf-8", "replace")
     try:
-        doc = json.loads(data)
-        if isinstance(doc, dict):
-            reason, message = str(doc.get("reason") or ""), str(doc.get("message") or message)
+        status_doc = json.loads(data)
+        if isinstance(status_doc, dict):
+            reason = str(status_doc.get("reason") or "")
+            message = str(status_doc.get("message") or message)
     except ValueError:
         pass
     cls = {404: NotFound, 409: Conflict}.get(status, ApiError)
