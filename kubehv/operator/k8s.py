@@ -188,3 +188,29 @@ class Kube:
         return self.api_client.create(
             rest.path("", "v1", "events", namespace=namespace), body, REQUEST_TIMEOUT
         )
+
+    # --- for the Secret hand-over (branch ``secrets``): no ``kubernetes`` package needed ----
+
+    def read_webhook_ca_bundle(self, name: str) -> bytes | None:
+        """The PEM caBundle of the ValidatingWebhookConfiguration ``name``; None if unset."""
+        path = rest.path("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations")
+        try:
+            config = self.api_client.get(f"{path}/{name}", REQUEST_TIMEOUT)
+        except NotFound:
+            return None
+        for hook in config.get("webhooks") or []:
+            bundle = (hook.get("clientConfig") or {}).get("caBundle")
+            if bundle:
+                return base64.b64decode(bundle)
+        return None
+
+    def review_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """A TokenReview's ``status`` (camelCase keys, as the API returns it)."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": audiences},
+        }
+        path = rest.path("authentication.k8s.io", "v1", "tokenreviews")
+        token_review = self.api_client.create(path, body, REQUEST_TIMEOUT)
+        return dict(token_review.get("status") or {})

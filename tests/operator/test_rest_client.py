@@ -206,3 +206,41 @@ def test_agent_and_controller_never_import_the_kubernetes_package() -> None:
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_webhook_ca_bundle_and_token_review(
+    control_plane: Any, namespace: str, tmp_path: Path
+) -> None:
+    """The two calls the Secret hand-over needs, on the thin client."""
+    kube = k8s.Kube(k8s.load_api_client(str(control_plane.kubeconfig)))
+    name = f"kubehv-test-{uuid.uuid4().hex[:6]}"
+    assert kube.read_webhook_ca_bundle(name) is None
+    pem = b"-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n"
+    config = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "vi.kubehv.io", "sideEffects": "None", "admissionReviewVersions": ["v1"],
+            "clientConfig": {
+                "url": "https://127.0.0.1:9/none", "caBundle": base64.b64encode(pem).decode(),
+            },
+            "rules": [{"apiGroups": ["nothing.example"], "apiVersions": ["v1"],
+                       "operations": ["CREATE"], "resources": ["nothings"]}],
+        }],
+    }  # fmt: skip
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(config))
+    try:
+        assert kube.read_webhook_ca_bundle(name) == pem
+    finally:
+        control_plane.kubectl("delete", "validatingwebhookconfiguration", name)
+    sa = f"sa-{uuid.uuid4().hex[:5]}"
+    control_plane.kubectl("-n", namespace, "create", "serviceaccount", sa)
+    token = control_plane.kubectl(
+        "-n", namespace, "create", "token", sa, "--audience=kubehv-test"
+    ).stdout.strip()
+    good = kube.review_token(token, ["kubehv-test"])
+    assert good["authenticated"] is True
+    assert good["user"]["username"] == f"system:serviceaccount:{namespace}:{sa}"
+    wrong_audience = kube.review_token(token, ["someone-else"])
+    assert not wrong_audience.get("authenticated")
