@@ -160,6 +160,12 @@ _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 def write_counts(metrics_text: str) -> dict[tuple[str, str, str], float]:
     """(resource, subresource, verb) -> apiserver_request_total, writes only, all codes."""
+    return request_counts(metrics_text, WRITE_VERBS)
+
+
+def request_counts(metrics_text: str, verbs: Iterable[str]) -> dict[tuple[str, str, str], float]:
+    """(resource, subresource, verb) -> apiserver_request_total for ``verbs``, all codes."""
+    wanted = set(verbs)
     out: dict[tuple[str, str, str], float] = {}
     for line in metrics_text.splitlines():
         m = _SAMPLE.match(line)
@@ -167,7 +173,7 @@ def write_counts(metrics_text: str) -> dict[tuple[str, str, str], float]:
             continue
         labels = dict(_LABEL.findall(m.group("labels")))
         verb = labels.get("verb", "")
-        if verb not in WRITE_VERBS:
+        if verb not in wanted:
             continue
         key = (labels.get("resource", ""), labels.get("subresource", ""), verb)
         out[key] = out.get(key, 0.0) + float(m.group("value"))

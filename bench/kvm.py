@@ -202,18 +202,21 @@ def run_migration(cp: Any, image: GuestImage, nodes: Any, runs: int) -> dict[str
     try:
         cluster.start()
         vm = "mvm"
-        body = vi_body(vm, ns, image, node_list[0].name)
+        # Not pinned (spec.nodeName): a pinned instance is not migrated (the scheduler
+        # refuses it); the controller places it on either node, the runs alternate from there.
+        body = vi_body(vm, ns, image, None)
         del body["metadata"]["uid"]
         cluster.custom.create_namespaced_custom_object(
             common.GROUP, common.VERSION, ns, "virtualinstances", body
         )
         _wait("the VI Running", lambda: (cluster.get("virtualinstances", ns, vm) or {}).get(
             "status", {}).get("phase") == "Running")  # fmt: skip
-        serial.wait_for_marker(_serial(node_list[0], f"{ns}.{vm}"), image.boot_marker)
+        landed = (cluster.get("virtualinstances", ns, vm) or {})["status"]["nodeName"]
+        op_at = [n.name for n in node_list].index(landed)
+        serial.wait_for_marker(_serial(node_list[op_at], f"{ns}.{vm}"), image.boot_marker)
         direct_spec = driver_spec(drivers[0], vi_body("dmig", "benchdirect", image, None))
         drivers[0].start_instance(direct_spec)
         serial.wait_for_marker(_serial(node_list[0], direct_spec.name), image.boot_marker)
-        op_at = 0
         with common.Watcher(cluster.api, ns, "migrations", _terminal) as w:
             for i in range(runs):
                 target = node_list[1 - op_at]

@@ -140,7 +140,11 @@ def bench_scale(cp: Any, n: int, res: dict[str, Any]) -> None:
 def bench_rss(cp: Any, n: int, res: dict[str, Any]) -> None:
     out = rss.run(cp, n, timeout=120 + n * 0.5)
     res["agent_rss_mb_1000"] = r(out["rss_mb"], 1)
-    res["rss"] = {"instances": n, **{k: r(v, 1) for k, v in out.items()}}
+    res["agent_1000_running_s"] = r(out["all_running_s"], 1)
+    res["rss"] = {
+        "instances": n,
+        **{k: (r(v, 1) if isinstance(v, float) else v) for k, v in out.items()},
+    }
 
 
 def bench_balloon(cp: Any, image: guest.GuestImage, rounds: int, res: dict[str, Any]) -> None:
@@ -197,6 +201,7 @@ def table(res: dict[str, Any]) -> str:
     for key in (
         "start_overhead_p50_s", "start_overhead_p95_s", "migration_ratio", "scale_p50_s",
         "scale_p95_s", "scale_ratio", "api_writes_per_instance", "agent_rss_mb_1000",
+        "agent_1000_running_s",
         "balloon_density_ratio", "balloon_reclaim_p50_s", "balloon_reclaim_p95_s",
         "cloud_ssh_ready_ratio", "storage_migration_ratio",
     ):  # fmt: skip

@@ -14,6 +14,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from kubehv.operator import lean_imports
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("kubehv.cli.agent", "run the node agent for one node"),
@@ -32,6 +34,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ssh": ("kubehv.cli.ssh", "ssh to an instance at its published address"),
 }
 
+LEAN = ("agent", "controller")
+"""The long-running processes: they never import the ``kubernetes`` package."""
+
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubehv", description=__doc__.splitlines()[0])
@@ -48,6 +53,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in args_list if a in SUBCOMMANDS), None)
+    if chosen in LEAN:
+        lean_imports.refuse_kube_client()  # before kopf is imported (agent RSS)
     parser = build_parser(only=chosen or "__none__")
     args = parser.parse_args(args_list)
     module = importlib.import_module(args._module)

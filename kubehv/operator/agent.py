@@ -140,7 +140,7 @@ def run(cfg: opsettings.AgentSettings) -> int:
     ctx = build_context(cfg)
     metrics.serve(cfg.metrics_port)
     registry = kopf.OperatorRegistry()
-    opsettings.register_login(registry)
+    opsettings.register_login(registry, ctx.api_client.creds)
     register(registry, ctx)
 
     @kopf.on.startup(registry=registry, id="agent-settings")

@@ -12,13 +12,13 @@ import dataclasses
 from typing import Any
 
 from kubehv.drivers import base
-from kubehv.operator import k8s, settings
+from kubehv.operator import k8s, rest, settings
 
 
 @dataclasses.dataclass
 class AgentContext:
     settings: settings.AgentSettings
-    api_client: Any
+    api_client: rest.Client
     kube: k8s.Kube
     driver: base.BaseHypervisor
     node_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -36,5 +36,5 @@ class AgentContext:
 @dataclasses.dataclass
 class ControllerContext:
     settings: settings.ControllerSettings
-    api_client: Any
+    api_client: rest.Client
     kube: k8s.Kube

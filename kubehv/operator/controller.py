@@ -302,7 +302,7 @@ def run(cfg: opsettings.ControllerSettings) -> int:
         probes.is_leader = lambda: True
         leader.LEADER.set(1)
     registry = kopf.OperatorRegistry()
-    opsettings.register_login(registry)
+    opsettings.register_login(registry, ctx.api_client.creds)
     register(registry, ctx)
     _register_others(registry, ctx)
     if cfg.webhook_port and keeper is None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime
 import logging
 
-import kubernetes
-
 from kubehv import api
 from kubehv.operator import k8s
 
@@ -42,29 +40,34 @@ def post(
     meta = about.metadata
     namespace = meta.namespace or "default"
     now = _now()
-    event = kubernetes.client.CoreV1Event(
-        metadata=kubernetes.client.V1ObjectMeta(
-            generate_name=f"{meta.name or 'object'}.", namespace=namespace
-        ),
-        involved_object=kubernetes.client.V1ObjectReference(
-            api_version=about.api_version,
-            kind=about.kind,
-            name=meta.name,
-            namespace=meta.namespace,
-            uid=meta.uid,
-            resource_version=meta.resource_version,
-        ),
-        reason=reason,
-        message=message[:1024],
-        type=type_,
-        source=kubernetes.client.V1EventSource(component=component),
-        first_timestamp=now,
-        last_timestamp=now,
-        count=1,
-        reporting_component=component,
-    )
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.name or 'object'}.", "namespace": namespace},
+        "involvedObject": {
+            k: v
+            for k, v in (
+                ("apiVersion", about.api_version),
+                ("kind", about.kind),
+                ("name", meta.name),
+                ("namespace", meta.namespace),
+                ("uid", meta.uid),
+                ("resourceVersion", meta.resource_version),
+            )
+            if v is not None
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": type_,
+        "source": {"component": component},
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+        "reportingComponent": component,
+    }
     try:
-        kube.core.create_namespaced_event(namespace, event, _request_timeout=k8s.REQUEST_TIMEOUT)
+        kube.create_event(namespace, event)
     except Exception as exc:  # best effort: an Event must never break a reconcile
         log.warning("could not post event %s on %s: %s", reason, meta.name, exc)
 

@@ -6,7 +6,8 @@ and countable. Every call goes through :class:`Kube`, with a request timeout (a 
 server must not hang a reconcile or a migration step), and every hand-off write carries
 ``metadata.resourceVersion`` so that a concurrent writer gets HTTP 409, surfaced as
 :class:`Conflict`: the loser re-reads and decides again. Everything here is synchronous
-(the ``kubernetes`` client); async callers use :func:`call` to run it in a thread.
+(:mod:`rest`, a thin client: the ``kubernetes`` package is never imported by the agent or the
+controller); async callers use :func:`call` to run it in a thread.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-import kubernetes
-
 from kubehv import api
 from kubehv.api import constants
+from kubehv.operator import rest
 
 GROUP = constants.GROUP
 VERSION = constants.VERSION
@@ -35,13 +35,11 @@ REQUEST_TIMEOUT = (5.0, 30.0)
 
 T = TypeVar("T")
 
-
-class Conflict(Exception):
-    """Someone else wrote first (HTTP 409): re-read and decide again."""
-
-
-class NotFound(Exception):
-    """The object is gone (HTTP 404)."""
+ApiError = rest.ApiError
+Conflict = rest.Conflict
+"""Someone else wrote first (HTTP 409): re-read and decide again."""
+NotFound = rest.NotFound
+"""The object is gone (HTTP 404)."""
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -49,87 +47,54 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
 
 
-def load_api_client(kubeconfig: str | None = None) -> Any:
-    """An ``ApiClient`` from a kubeconfig path, ``KUBECONFIG``, or the in-cluster config."""
-    config: Any = kubernetes.config
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    try:
-        return config.new_client_from_config()
-    except config.ConfigException:
-        config.load_incluster_config()
-        return kubernetes.client.ApiClient()
+def load_api_client(kubeconfig: str | None = None) -> rest.Client:
+    """A client from a kubeconfig path, ``KUBECONFIG``, or the in-cluster service account."""
+    return rest.connect(kubeconfig)
 
 
 def is_status(exc: BaseException, *codes: int) -> bool:
-    if isinstance(exc, Conflict):
-        return 409 in codes
-    if isinstance(exc, NotFound):
-        return 404 in codes
-    return isinstance(exc, kubernetes.client.ApiException) and exc.status in codes
-
-
-def _translate(exc: Exception) -> Exception:
-    status = getattr(exc, "status", None)
-    if status == 409:
-        return Conflict(str(exc))
-    if status == 404:
-        return NotFound(str(exc))
-    return exc
+    return isinstance(exc, rest.ApiError) and exc.status in codes
 
 
 class Kube:
     """Every API call kubehv's own code makes (kopf makes the watches)."""
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, api_client: rest.Client) -> None:
         self.api_client = api_client
-        # Typed as Any: kubehv passes plain dicts, the generated stubs expect models.
-        self.custom: Any = kubernetes.client.CustomObjectsApi(api_client)
-        self.core: Any = kubernetes.client.CoreV1Api(api_client)
 
     # --- generic ------------------------------------------------------------------------
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """One CustomObjectsApi call with the timeout; 409/404 as Conflict/NotFound."""
-        try:
-            result: dict[str, Any] = getattr(self.custom, method)(
-                GROUP, VERSION, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs
-            )
-        except kubernetes.client.ApiException as exc:
-            raise _translate(exc) from exc
-        return result
+    def _path(
+        self, plural: str, name: str = "", namespace: str | None = None, sub: str = ""
+    ) -> str:
+        return rest.path(GROUP, VERSION, plural, name, namespace, sub)
 
     def _get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
-            if namespace is None:
-                return self._call("get_cluster_custom_object", plural, name)
-            return self._call("get_namespaced_custom_object", namespace, plural, name)
+            return self.api_client.get(self._path(plural, name, namespace), REQUEST_TIMEOUT)
         except NotFound:
             return None
 
     def _list(
         self, plural: str, field_selector: str = "", namespace: str | None = None
     ) -> list[dict[str, Any]]:
-        kwargs = {"field_selector": field_selector} if field_selector else {}
-        if namespace is None:
-            result = self._call("list_cluster_custom_object", plural, **kwargs)
-        else:
-            result = self._call("list_namespaced_custom_object", namespace, plural, **kwargs)
-        return list(result.get("items") or [])
+        return self.api_client.list(
+            self._path(plural, namespace=namespace), REQUEST_TIMEOUT, fieldSelector=field_selector
+        )
 
     def _patch_status(
         self, plural: str, name: str, body: Mapping[str, Any], namespace: str | None = None
     ) -> dict[str, Any]:
-        if namespace is None:
-            return self._call("patch_cluster_custom_object_status", plural, name, dict(body))
-        return self._call(
-            "patch_namespaced_custom_object_status", namespace, plural, name, dict(body)
+        return self.api_client.merge_patch(
+            self._path(plural, name, namespace, "status"), body, REQUEST_TIMEOUT
         )
 
     def _patch(
         self, plural: str, namespace: str, name: str, body: Mapping[str, Any]
     ) -> dict[str, Any]:
-        return self._call("patch_namespaced_custom_object", namespace, plural, name, dict(body))
+        return self.api_client.merge_patch(
+            self._path(plural, name, namespace), body, REQUEST_TIMEOUT
+        )
 
     # --- VirtualInstances -------------------------------------------------------------
 
@@ -186,7 +151,9 @@ class Kube:
         return self._patch(MIG_PLURAL, view.namespace, view.name, patch)
 
     def create_migration(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self._call("create_namespaced_custom_object", namespace, MIG_PLURAL, dict(body))
+        return self.api_client.create(
+            self._path(MIG_PLURAL, namespace=namespace), body, REQUEST_TIMEOUT
+        )
 
     # --- NodeHypervisors --------------------------------------------------------------
 
@@ -197,24 +164,53 @@ class Kube:
         return self._list(NHV_PLURAL)
 
     def create_node(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self._call("create_cluster_custom_object", NHV_PLURAL, dict(body))
+        return self.api_client.create(self._path(NHV_PLURAL), body, REQUEST_TIMEOUT)
 
     def patch_node_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         return self._patch_status(NHV_PLURAL, name, {"status": dict(status)})
 
-    # --- Secrets ----------------------------------------------------------------------
+    # --- Secrets and Events ------------------------------------------------------------
 
     def read_secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
         """One key of a Secret, decoded; ``None`` if the Secret or the key is missing."""
         try:
-            secret = self.core.read_namespaced_secret(
-                name, namespace, _request_timeout=REQUEST_TIMEOUT
+            secret = self.api_client.get(
+                rest.path("", "v1", "secrets", name, namespace), REQUEST_TIMEOUT
             )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        data = secret.data or {}
+        except NotFound:
+            return None
+        data = secret.get("data") or {}
         if key not in data:
             return None
         return base64.b64decode(data[key])
+
+    def create_event(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.api_client.create(
+            rest.path("", "v1", "events", namespace=namespace), body, REQUEST_TIMEOUT
+        )
+
+    # --- for the Secret hand-over (branch ``secrets``): no ``kubernetes`` package needed ----
+
+    def read_webhook_ca_bundle(self, name: str) -> bytes | None:
+        """The PEM caBundle of the ValidatingWebhookConfiguration ``name``; None if unset."""
+        path = rest.path("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations")
+        try:
+            config = self.api_client.get(f"{path}/{name}", REQUEST_TIMEOUT)
+        except NotFound:
+            return None
+        for hook in config.get("webhooks") or []:
+            bundle = (hook.get("clientConfig") or {}).get("caBundle")
+            if bundle:
+                return base64.b64decode(bundle)
+        return None
+
+    def review_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """A TokenReview's ``status`` (camelCase keys, as the API returns it)."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": audiences},
+        }
+        path = rest.path("authentication.k8s.io", "v1", "tokenreviews")
+        token_review = self.api_client.create(path, body, REQUEST_TIMEOUT)
+        return dict(token_review.get("status") or {})

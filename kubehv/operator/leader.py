@@ -32,10 +32,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import kubernetes
 import prometheus_client
 
-from kubehv.operator import metrics
+from kubehv.operator import metrics, rest
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,9 @@ LEADER = prometheus_client.Gauge(
 LOST_EXIT_CODE = 3
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+def _now() -> str:
+    """A Lease's MicroTime: RFC 3339 with microseconds."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +82,24 @@ class Record:
     """What a standby compares between reads: any change means the holder is alive."""
 
     holder: str
-    renew_time: datetime.datetime | None
+    renew_time: str | None
     transitions: int
     duration_s: float | None
 
 
-def _record(spec: Any) -> Record:
+def _record(spec: dict[str, Any]) -> Record:
     return Record(
-        holder=spec.holder_identity or "",
-        renew_time=spec.renew_time,
-        transitions=spec.lease_transitions or 0,
-        duration_s=spec.lease_duration_seconds,
+        holder=spec.get("holderIdentity") or "",
+        renew_time=spec.get("renewTime"),
+        transitions=spec.get("leaseTransitions") or 0,
+        duration_s=spec.get("leaseDurationSeconds"),
     )
 
 
 class Elector:
     def __init__(  # noqa: PLR0917
         self,
-        api_client: Any,
+        api_client: rest.Client,
         name: str,
         namespace: str,
         identity: str,
@@ -107,7 +107,7 @@ class Elector:
         on_lost: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.api: Any = kubernetes.client.CoordinationV1Api(api_client)
+        self.api = api_client
         self.name, self.namespace, self.identity = name, namespace, identity
         self.timing = timing or Timing()
         self.on_lost = on_lost or (lambda: os._exit(LOST_EXIT_CODE))
@@ -119,15 +119,20 @@ class Elector:
 
     # --- one attempt -------------------------------------------------------------------------
 
-    def _spec(self, transitions: int, acquire: bool, old: Any = None) -> Any:
+    def _spec(
+        self, transitions: int, acquire: bool, old: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         now = _now()
-        return kubernetes.client.V1LeaseSpec(
-            holder_identity=self.identity,
-            lease_duration_seconds=max(1, round(self.timing.lease_duration_s)),
-            acquire_time=now if acquire else (old.acquire_time if old else now),
-            renew_time=now,
-            lease_transitions=transitions,
-        )
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": max(1, round(self.timing.lease_duration_s)),
+            "acquireTime": now if acquire else ((old or {}).get("acquireTime") or now),
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
+
+    def _path(self, name: str = "") -> str:
+        return rest.path("coordination.k8s.io", "v1", "leases", name, self.namespace)
 
     def _observe(self, record: Record) -> float:
         """Seconds since this process last saw the record change (its own clock)."""
@@ -140,24 +145,20 @@ class Elector:
         """One read-and-write: True if this process holds the Lease afterwards."""
         timeout = self.timing.request_timeout_s
         try:
-            lease = self.api.read_namespaced_lease(
-                self.name, self.namespace, _request_timeout=timeout
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 404:
-                raise
-            body = kubernetes.client.V1Lease(
-                metadata=kubernetes.client.V1ObjectMeta(name=self.name, namespace=self.namespace),
-                spec=self._spec(0, True),
-            )
+            lease = self.api.get(self._path(self.name), timeout)
+        except rest.NotFound:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(0, True),
+            }
             try:
-                self.api.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
-            except kubernetes.client.ApiException as exc2:
-                if exc2.status == 409:
-                    return False
-                raise
+                self.api.create(self._path(), body, timeout)
+            except rest.Conflict:
+                return False
             return True
-        spec = lease.spec
+        spec = lease.get("spec") or {}
         record = _record(spec)
         unchanged_for = self._observe(record)
         mine = record.holder == self.identity
@@ -165,16 +166,12 @@ class Elector:
         if record.holder and not mine and unchanged_for < duration:
             return False
         transitions = record.transitions + (0 if mine else 1)
-        lease.spec = self._spec(transitions, not mine, spec)
-        try:
-            written = self.api.replace_namespaced_lease(
-                self.name, self.namespace, lease, _request_timeout=timeout
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        self._observe(_record(written.spec))
+        lease["spec"] = self._spec(transitions, not mine, spec)
+        try:  # the read's resourceVersion rides along: a racing writer makes this a 409
+            lease = self.api.replace(self._path(self.name), lease, timeout)
+        except rest.Conflict:
+            return False
+        self._observe(_record(lease.get("spec") or {}))
         return True
 
     # --- the loops ---------------------------------------------------------------------------
@@ -222,18 +219,14 @@ class Elector:
             return
         self.leading.clear()
         LEADER.set(0)
+        timeout = self.timing.request_timeout_s
         try:
-            lease = self.api.read_namespaced_lease(
-                self.name, self.namespace, _request_timeout=self.timing.request_timeout_s
-            )
-            if lease.spec.holder_identity == self.identity:
-                lease.spec.holder_identity = ""
-                lease.spec.lease_duration_seconds = 1
-                self.api.replace_namespaced_lease(
-                    self.name,
-                    self.namespace,
-                    lease,
-                    _request_timeout=self.timing.request_timeout_s,
-                )
+            lease = self.api.get(self._path(self.name), timeout)
+            spec = lease.get("spec") or {}
+            if spec.get("holderIdentity") == self.identity:
+                spec["holderIdentity"] = ""
+                spec["leaseDurationSeconds"] = 1
+                lease["spec"] = spec
+                self.api.replace(self._path(self.name), lease, timeout)
         except Exception as exc:
             log.debug("lease release: %s", exc)

@@ -32,6 +32,7 @@ from kubehv.api import virtualinstance as vim
 from kubehv.drivers import values
 from kubehv.operator import (
     context,
+    fresh_reads,
     instance_logic,
     instances,
     journal,
@@ -108,6 +109,11 @@ class Owner:
         self.instance_acts = instances.InstanceActs(ctx, self.remember_body)
         self.source = migration_source.SourceRole(ctx)
         self.target = migration_target.TargetRole(ctx)
+        # The fence's shared reads: every owner re-reading at the same moment shares one
+        # LIST of the namespace's Migrations and one GET of this node's NodeHypervisor, each
+        # begun after all of them asked (fresh_reads).
+        self.migration_reads = fresh_reads.Coalesced(self._list_namespace_migrations)
+        self.drain_reads = fresh_reads.Coalesced(self._get_drain)
 
     # --- what pokes the owner ------------------------------------------------------------
 
@@ -244,10 +250,8 @@ class Owner:
                 return None  # unreadable: never act on a guess
             if vi is not None:
                 self.remember(vi)
-            found = await k8s.call(
-                self.kube.list_migrations, f"{constants.FIELD_MIG_INSTANCE}={name}", namespace
-            )
-            migrations = [m for m in (parse(api.Migration, b) for b in found) if m is not None]
+            found = await self.migration_reads.get(namespace)
+            migrations = [m for m in found if m.spec.instance == name]
             self.draining = await self._read_drain()
         else:
             vi = self.vis.get(key)
@@ -409,9 +413,18 @@ class Owner:
         self.migrations = seen
 
     async def _read_drain(self) -> bool:
+        """The node's drain flag, read fresh (shared with every owner asking meanwhile)."""
+        return await self.drain_reads.get()
+
+    async def _get_drain(self, _: object) -> bool:
         body = await k8s.call(self.kube.get_node, self.node)
         node = api.NodeHypervisor.model_validate(body) if body is not None else None
         return node is not None and node.spec.drain
+
+    async def _list_namespace_migrations(self, namespace: object) -> list[api.Migration]:
+        """Every Migration of ``namespace`` (parsed once; each owner keeps its instance's)."""
+        found = await k8s.call(self.kube.list_migrations, "", str(namespace))
+        return [m for m in (parse(api.Migration, b) for b in found) if m is not None]
 
     def known_instances(self) -> set[str]:
         """Hypervisor names of instances kubehv has a reason to run here (orphan check)."""

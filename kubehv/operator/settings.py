@@ -10,12 +10,16 @@ node's objects. kubehv registers only event handlers, so kopf keeps no state on 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 from typing import Any
 
 import kopf
 
-from kubehv.operator import instance_logic, k8s
+from kubehv.operator import instance_logic, k8s, kubeconfig
+
+LOGIN_TTL = datetime.timedelta(minutes=5)
+"""How long kopf keeps a service-account token before it logs in (re-reads it) again."""
 
 
 @dataclasses.dataclass
@@ -77,10 +81,25 @@ def _common(settings: kopf.OperatorSettings) -> None:
     settings.execution.max_workers = 8
 
 
-def register_login(registry: kopf.OperatorRegistry) -> None:
-    """A private registry has no default login handler: log in as the kubernetes client does
-    (``KUBECONFIG`` or the in-cluster service account)."""
+def register_login(registry: kopf.OperatorRegistry, creds: kubeconfig.Credentials) -> None:
+    """A private registry has no default login handler: kopf gets the same identity as
+    kubehv's own client (:mod:`kubeconfig`), so neither needs the ``kubernetes`` package.
+    A token file is re-read on every login (kopf logs in again after a 401 and when the
+    info expires, so a rotated service-account token is picked up)."""
 
     @kopf.on.login(registry=registry, id="login")
-    def login(**kwargs: Any) -> Any:
-        return kopf.login_via_client(**kwargs)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        creds.refresh()
+        expires = None
+        if creds.token_file:
+            expires = datetime.datetime.now(datetime.UTC) + LOGIN_TTL
+        return kopf.ConnectionInfo(
+            server=creds.server,
+            ca_path=creds.ca_file,
+            insecure=creds.insecure or None,
+            token=creds.token,
+            certificate_path=creds.cert_file,
+            private_key_path=creds.key_file,
+            default_namespace=creds.namespace,
+            expiration=expires,
+        )

@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-import kubernetes
 import pydantic
 
 from kubehv import api
 from kubehv.drivers import errors
 from kubehv.drivers import registry as driver_registry
-from kubehv.operator import health, k8s, translate, webhook_certs
+from kubehv.operator import health, k8s, rest, translate, webhook_certs
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def self_signed(directory: str, host: str) -> tuple[str, str, bytes]:
     return certfile, keyfile, ca
 
 
-def cluster_keeper(api_client: Any) -> webhook_certs.Keeper | None:
+def cluster_keeper(api_client: rest.Client) -> webhook_certs.Keeper | None:
     """The certificate keeper when running in a cluster, with a usable pair already on disk.
 
     Blocks (retrying every few seconds, saying why) until the Secret gives a certificate:
@@ -107,11 +106,7 @@ def cluster_keeper(api_client: Any) -> webhook_certs.Keeper | None:
     settings = webhook_certs.CertSettings.from_env(os.environ, directory)
     if settings is None:
         return None
-    keeper = webhook_certs.Keeper(
-        settings,
-        kubernetes.client.CoreV1Api(api_client),
-        kubernetes.client.AdmissionregistrationV1Api(api_client),
-    )
+    keeper = webhook_certs.Keeper(settings, api_client)
     while True:
         try:
             keeper.sync()

@@ -30,13 +30,14 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kubehv.operator import rest
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +240,9 @@ def encode(data: Mapping[str, bytes]) -> dict[str, str]:
 class Keeper:
     """One replica's certificate keeper (see the module docstring)."""
 
-    def __init__(self, settings: CertSettings, core: Any, admission: Any) -> None:
+    def __init__(self, settings: CertSettings, api: rest.Client) -> None:
         self.settings = settings
-        self.core = core  # kubernetes.client.CoreV1Api
-        self.admission = admission  # kubernetes.client.AdmissionregistrationV1Api
+        self.api = api
         settings.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @property
@@ -258,19 +258,18 @@ class Keeper:
         now = now or datetime.datetime.now(datetime.UTC)
         s = self.settings
         for _ in range(5):
-            secret = self.core.read_namespaced_secret(s.secret, s.namespace)
-            data = decode(secret.data)
+            secret_path = rest.path("", "v1", "secrets", s.secret, s.namespace)
+            secret = self.api.get(secret_path)
+            data = decode(secret.get("data"))
             if s.mode == "self":
                 change = renewed(data, s.names, now)
                 if change is not None:
                     new, why = change
-                    secret.data = encode(new)  # resourceVersion kept: a race is a 409
+                    secret["data"] = encode(new)  # resourceVersion kept: a race is a 409
                     try:
-                        self.core.replace_namespaced_secret(s.secret, s.namespace, secret)
-                    except Exception as exc:
-                        if getattr(exc, "status", None) == 409:
-                            continue  # another replica renewed it first: adopt theirs
-                        raise
+                        self.api.replace(secret_path, secret)
+                    except rest.Conflict:
+                        continue  # another replica renewed it first: adopt theirs
                     log.info("webhook certificate renewed in Secret %s: %s", s.secret, why)
                     data = new
                 self._ensure_ca_bundle(data[CA_CRT])
@@ -295,22 +294,23 @@ class Keeper:
     def _ensure_ca_bundle(self, ca: bytes) -> None:
         want = base64.b64encode(ca).decode("ascii")
         for _ in range(5):
-            conf = self.admission.read_validating_webhook_configuration(self.settings.configuration)
-            hooks = conf.webhooks or []
-            stale = [h for h in hooks if h.client_config.ca_bundle != want]
+            conf_path = rest.path(
+                "admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations",
+                self.settings.configuration,
+            )  # fmt: skip
+            conf = self.api.get(conf_path)
+            hooks = conf.get("webhooks") or []
+            stale = [h for h in hooks if (h.get("clientConfig") or {}).get("caBundle") != want]
             if not stale:
                 return
             for hook in stale:
-                hook.client_config.ca_bundle = want
+                hook.setdefault("clientConfig", {})["caBundle"] = want
             try:
-                self.admission.replace_validating_webhook_configuration(
-                    self.settings.configuration, conf
-                )
+                self.api.replace(conf_path, conf)
                 log.info("caBundle of %s set to the webhook CA", self.settings.configuration)
                 return
-            except Exception as exc:
-                if getattr(exc, "status", None) != 409:
-                    raise
+            except rest.Conflict:
+                continue
 
 
 def write_private(path: Path, content: bytes) -> None:

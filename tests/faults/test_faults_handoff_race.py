@@ -58,7 +58,7 @@ def _race(
 def test_two_schedulers_on_a_stale_read_one_wins(
     control_plane: Any, crds_installed: Any, namespace: str, round_: int
 ) -> None:
-    clients = [control_plane.api_client() for _ in range(2)]
+    clients = [ms.load_api_client(str(control_plane.kubeconfig)) for _ in range(2)]
     try:
         stores = [ms.Kube(c) for c in clients]
         body = _create_migration(stores[0], namespace)
@@ -85,7 +85,7 @@ def test_loser_rereads_and_sees_the_winner(
     control_plane: Any, crds_installed: Any, namespace: str
 ) -> None:
     """The documented recovery: after Conflict, re-read; the next legal step starts from there."""
-    client = control_plane.api_client()
+    client = ms.load_api_client(str(control_plane.kubeconfig))
     try:
         store = ms.Kube(client)
         view = ml.MigrationView.from_body(_create_migration(store, namespace))

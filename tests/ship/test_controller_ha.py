@@ -27,7 +27,7 @@ import kubernetes
 import pytest
 
 from kubehv.devenv import controlplane as cpmod
-from kubehv.operator import leader
+from kubehv.operator import k8s, leader
 from tests.fixtures.operator import GROUP, VERSION, VI, Proc, fake_vi_body, wait_for
 
 pytestmark = pytest.mark.apiserver
@@ -178,6 +178,7 @@ def test_expiry_is_judged_on_the_observers_clock(control_plane: Any, namespace: 
     """A holder whose renewTime is far in the past (or future) by the observer's wall clock:
     the observer still waits a full lease duration of no change on its own clock."""
     api = control_plane.api_client()
+    ours = k8s.load_api_client(str(control_plane.kubeconfig))  # the controller's own client
     coordination: Any = kubernetes.client.CoordinationV1Api(api)
     name = f"skew-{uuid.uuid4().hex[:6]}"
     now = datetime.datetime.now(datetime.UTC)
@@ -195,7 +196,7 @@ def test_expiry_is_judged_on_the_observers_clock(control_plane: Any, namespace: 
             )
             coordination.create_namespaced_lease(namespace, body)
             clock = FakeClock()
-            elector = leader.Elector(api, name, namespace, "me", leader.Timing(), clock=clock)
+            elector = leader.Elector(ours, name, namespace, "me", leader.Timing(), clock=clock)
             assert not elector.try_acquire(), f"took a Lease renewed {skew} ago at first sight"
             clock.now += 14.0
             assert not elector.try_acquire(), "took it before a lease duration of no change"
@@ -215,6 +216,7 @@ def test_expiry_is_judged_on_the_observers_clock(control_plane: Any, namespace: 
             coordination.delete_namespaced_lease(name, namespace)
     finally:
         api.close()
+        ours.close()
 
 
 def test_timing_refuses_a_renew_deadline_not_below_the_lease() -> None:
