@@ -104,6 +104,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="driver node parameter (e.g. memory_total_mib=4096 for the fake driver)",
     )
+    defaults = settings.SecretSettings()
+    parser.add_argument(
+        "--secrets",
+        choices=["api", "controller"],
+        default=env("KUBEHV_SECRETS", defaults.source),
+        help="where instances' Secret keys (VNC password, cloud-init user data) come from: "
+        "'controller' (the shipped DaemonSet: the controller hands over only the keys of this "
+        "node's instances) or 'api' (this agent's own credentials; a process with an admin "
+        "kubeconfig). Never one falling back on the other",
+    )
+    parser.add_argument(
+        "--secrets-url",
+        default=env("KUBEHV_SECRETS_URL", defaults.url),
+        help="the controller's hand-over endpoint (--secrets=controller)",
+    )
+    parser.add_argument(
+        "--secrets-server-name",
+        default=env("KUBEHV_SECRETS_SERVER_NAME", defaults.server_name),
+        help="the name the controller's certificate must carry (default: the URL's host)",
+    )
+    parser.add_argument(
+        "--secrets-token-file",
+        default=env("KUBEHV_SECRETS_TOKEN_FILE", defaults.token_file),
+        help="the pod's projected ServiceAccount token for the hand-over",
+    )
+    parser.add_argument(
+        "--secrets-ca-from",
+        default=env("KUBEHV_SECRETS_CA_FROM", defaults.ca_from),
+        help="the ValidatingWebhookConfiguration whose caBundle verifies the controller",
+    )
     parser.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--crash-limit", type=int, default=5)
     parser.add_argument("--crash-window", type=float, default=600.0, metavar="SECONDS")
@@ -131,6 +161,13 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         kubeconfig=args.kubeconfig,
         driver_params=dict(args.driver_param),
+        secrets=settings.SecretSettings(
+            source=args.secrets,
+            url=args.secrets_url,
+            server_name=args.secrets_server_name,
+            token_file=args.secrets_token_file,
+            ca_from=args.secrets_ca_from,
+        ),
         policy=instance_logic.Policy(
             backoff_base_s=args.restart_backoff,
             crash_limit=args.crash_limit,

@@ -21,7 +21,15 @@ import kopf
 from kubehv import api
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
-from kubehv.operator import balloon_loop, context, k8s, memory_footprint, metrics, node_status
+from kubehv.operator import (
+    balloon_loop,
+    context,
+    k8s,
+    memory_footprint,
+    metrics,
+    node_status,
+    secret_source,
+)
 from kubehv.operator import owner as owner_mod
 from kubehv.operator import settings as opsettings
 
@@ -57,6 +65,7 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
         api_client=api_client,
         kube=kube,
         driver=driver,
+        secrets=secret_source.from_settings(kube, cfg.secrets),
         node_defaults=dict(spec.default_parameters),
     )
 
@@ -131,6 +140,9 @@ def run(cfg: opsettings.AgentSettings) -> int:
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         opsettings.configure_agent_kopf(settings, cfg.node_name)
 
-    log.info("agent for node %s (%s driver) starting", cfg.node_name, cfg.hypervisor)
+    log.info(
+        "agent for node %s (%s driver) starting; Secrets from %s",
+        cfg.node_name, cfg.hypervisor, cfg.secrets.source,
+    )  # fmt: skip
     kopf.run(registry=registry, standalone=True, clusterwide=True)
     return 0

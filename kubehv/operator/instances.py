@@ -3,8 +3,9 @@
 Why this module exists: it is the I/O half of the owner's instance decisions
 (:mod:`owner_logic`). The owner (:mod:`owner`) calls :meth:`InstanceActs.act` with one
 decided act, under its per-instance serialisation; driver calls run in threads, status is
-written only when it changed. The VNC password goes from its Secret to a 0600 file in the
-state directory and nowhere else (not status, Events or logs).
+written only when it changed. The VNC password goes from its Secret (through the agent's
+:mod:`secret_source`: the controller's hand-over in a cluster) to a 0600 file in the state
+directory and nowhere else (not status, Events or logs).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from typing import Any
 from kubehv import api
 from kubehv.api import virtualinstance as vim
 from kubehv.drivers import errors, values
-from kubehv.operator import context, events, instance_logic, k8s, metrics, status, translate
+from kubehv.operator import (
+    context,
+    events,
+    instance_logic,
+    k8s,
+    metrics,
+    secret_source,
+    status,
+    translate,
+)
 from kubehv.operator import owner_logic as ol
 
 log = logging.getLogger(__name__)
@@ -289,14 +299,11 @@ class InstanceActs:
             return None
         ns = subject.namespace
         try:
-            secret = await k8s.call(self.kube.read_secret_key, ns, ref.name, ref.key)
-        except Exception as exc:
-            if k8s.is_status(exc, 403):
-                raise errors.InvalidInstanceSpec(
-                    f"the kubehv agent may not read the VNC password Secret {ref.name!r} in "
-                    f"namespace {ns} (agents may read only Secrets named kubehv-console)"
-                ) from exc
-            raise
+            secret = await self.ctx.secrets.read_secret_key(ns, ref.name, ref.key)
+        except secret_source.SecretRefused as exc:
+            raise errors.InvalidInstanceSpec(
+                f"cannot read the VNC password (Secret {ref.name!r} in namespace {ns}): {exc}"
+            ) from exc
         if secret is None:
             raise errors.InvalidInstanceSpec(
                 f"VNC password Secret {ref.name!r} (key {ref.key!r}) not found in namespace {ns}"

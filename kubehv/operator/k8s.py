@@ -218,3 +218,22 @@ class Kube:
         if key not in data:
             return None
         return base64.b64decode(data[key])
+
+    # --- the controller's CA (the agent checks the Secret hand-over's server with it) --------
+
+    def read_webhook_ca_bundle(self, name: str) -> bytes | None:
+        """The PEM caBundle of the ValidatingWebhookConfiguration ``name``; None if unset."""
+        admission: Any = kubernetes.client.AdmissionregistrationV1Api(self.api_client)
+        try:
+            config = admission.read_validating_webhook_configuration(
+                name, _request_timeout=REQUEST_TIMEOUT
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        for hook in config.webhooks or []:
+            bundle = hook.client_config.ca_bundle if hook.client_config else None
+            if bundle:
+                return base64.b64decode(bundle)
+        return None

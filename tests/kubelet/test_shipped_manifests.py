@@ -90,6 +90,7 @@ def _can(d: Deployed, who: str, *what: str) -> bool:
     [
         (AGENT_SA, ("list", "secrets", "-A"), False),
         (AGENT_SA, ("watch", "secrets", "-A"), False),
+        (AGENT_SA, ("get", "secrets", "-A"), False),
         (AGENT_SA, ("delete", "virtualinstances.kubehv.io", "-A"), False),
         (AGENT_SA, ("create", "pods", "-A"), False),
         (AGENT_SA, ("patch", "nodehypervisors.kubehv.io"), True),
@@ -97,7 +98,9 @@ def _can(d: Deployed, who: str, *what: str) -> bool:
         (CONTROLLER_SA, ("list", "secrets", "-A"), False),
         (CONTROLLER_SA, ("create", "pods", "-A"), False),
         (CONTROLLER_SA, ("patch", "migrations.kubehv.io", "--subresource=status", "-A"), True),
-        (CONTROLLER_SA, ("get", "secrets", "-n", SYSTEM_NS), False),
+        # get by name: its webhook certificate, and the Secret hand-over to agents
+        (CONTROLLER_SA, ("get", "secrets", "-n", SYSTEM_NS), True),
+        (CONTROLLER_SA, ("watch", "secrets", "-A"), False),
     ],
 )
 def test_rbac_limits_by_impersonation(
