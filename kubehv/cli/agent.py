@@ -114,26 +114,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "node's instances) or 'api' (this agent's own credentials; a process with an admin "
         "kubeconfig). Never one falling back on the other",
     )
-    parser.add_argument(
-        "--secrets-url",
-        default=env("KUBEHV_SECRETS_URL", defaults.url),
-        help="the controller's hand-over endpoint (--secrets=controller)",
-    )
-    parser.add_argument(
-        "--secrets-server-name",
-        default=env("KUBEHV_SECRETS_SERVER_NAME", defaults.server_name),
-        help="the name the controller's certificate must carry (default: the URL's host)",
-    )
-    parser.add_argument(
-        "--secrets-token-file",
-        default=env("KUBEHV_SECRETS_TOKEN_FILE", defaults.token_file),
-        help="the pod's projected ServiceAccount token for the hand-over",
-    )
-    parser.add_argument(
-        "--secrets-ca-from",
-        default=env("KUBEHV_SECRETS_CA_FROM", defaults.ca_from),
-        help="the ValidatingWebhookConfiguration whose caBundle verifies the controller",
-    )
+    for flag, default, text in (
+        ("url", defaults.url, "the controller's hand-over endpoint (--secrets=controller)"),
+        ("server-name", defaults.server_name, "the name the controller's certificate must "
+         "carry (default: the URL's host)"),
+        ("token-file", defaults.token_file, "the pod's projected token for the hand-over"),
+        ("ca-from", defaults.ca_from, "the ValidatingWebhookConfiguration whose caBundle "
+         "verifies the controller"),
+    ):  # fmt: skip
+        variable = "KUBEHV_SECRETS_" + flag.upper().replace("-", "_")
+        parser.add_argument(f"--secrets-{flag}", default=env(variable, default), help=text)
     parser.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--crash-limit", type=int, default=5)
     parser.add_argument("--crash-window", type=float, default=600.0, metavar="SECONDS")
