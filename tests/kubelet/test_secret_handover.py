@@ -178,7 +178,7 @@ def test_handover_refuses_other_nodes_and_foreign_instances(
         wait_for(on_node, 120, f"{name} bound to {node}")
     workdir = Path(tempfile.mkdtemp(prefix="kubehv-handover-"))
     asker = Asker(deployed, workdir)
-    own = asker.token(deployed.pods("kubehv-agent")[0])
+    own = asker.token(deployed.agent_pod(home))
     ghost = asker.token(ghost_agent_pod)
 
     # The real agent pod's token: its own instance's key, and nothing else.
@@ -193,7 +193,7 @@ def test_handover_refuses_other_nodes_and_foreign_instances(
         asker.ask(ghost, vi_namespace, "console", mine)
     # The agent pod's token for the API server's audience (its default mount's kind) is not
     # a hand-over token; nor is garbage.
-    api_token = asker.token(deployed.pods("kubehv-agent")[0], "https://kubernetes.default.svc")
+    api_token = asker.token(deployed.agent_pod(home), "https://kubernetes.default.svc")
     for token in (api_token, "not-a-token"):
         with pytest.raises(secret_source.SecretRefused, match="audience"):
             asker.ask(token, vi_namespace, "console", mine)
