@@ -9,8 +9,9 @@ libvirtd through the hostPath /run/libvirt. What it takes (each found by trying)
 - ``ip netns exec`` mounts a fresh sysfs, which hides the host's cgroup mounts: the cgroup
   v1 hierarchies (and the unified one) are mounted again inside the node's mount namespace
   (same hierarchies: there is no cgroup namespace), and the kubelet gets its own
-  ``cgroupRoot`` (``/kubehv-<node>``, created beforehand in every hierarchy) so its
-  ``kubepods`` never meet the first node's;
+  ``cgroupRoot`` (``/kubehv-node-<node>``, created beforehand in every hierarchy) so its
+  ``kubepods`` never meet the first node's (a node session killed before its teardown
+  leaves them; the next node's restore removes them, :mod:`hostrestore`);
 - the node's ``/var/lib/kubehv`` (the agent's state hostPath) is bind-mounted from a folder
   of its own, as the per-node libvirt folders are;
 - the kubelet and kube-proxy reach the API server at the first node's bridge address (the
@@ -49,7 +50,7 @@ class NetnsKubelet:
         self.first, self.node, self.bridge_address = first, libvirt_node, bridge_address
         self.name = libvirt_node.name
         self.pod_subnet, self.gateway = f"10.244.{n}.0/24", f"10.244.{n}.1"
-        self.cgroup = f"kubehv-{self.name}"
+        self.cgroup = hostrestore.EXTRA_NODE_CGROUPS.replace("*", self.name)
         self.dir = first.dir / f"node-{self.name}"
         self.containerd: Containerd | None = None
         self.procs: list[ManagedProcess] = []
