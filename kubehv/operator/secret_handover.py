@@ -23,43 +23,76 @@ condition). Values are never logged; the log says who asked for which key and th
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import kubernetes
+import pydantic
 
+from kubehv import api
 from kubehv.operator import k8s, secret_policy
 
 log = logging.getLogger(__name__)
 
-PATH = "/secrets"
-AUDIENCE = "kubehv.io/secret-handover"
-"""The audience of the agent's projected token (manifests/base/agent.yaml)."""
+PATH = secret_policy.PATH
+AUDIENCE = secret_policy.AUDIENCE
 MAX_BODY = 4096
 
 Reply = tuple[int, dict[str, Any]]
-Reviewer = Callable[[str], Mapping[str, Any]]
-"""token -> the TokenReview's ``status`` (camelCase keys, as the API returns it)."""
+Model = TypeVar("Model", api.VirtualInstance, api.Migration)
+
+
+@dataclasses.dataclass(frozen=True)
+class Review:
+    """What a TokenReview said about a token."""
+
+    authenticated: bool
+    error: str = ""
+    audiences: tuple[str, ...] = ()
+    username: str = ""
+    extra: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+
+
+Reviewer = Callable[[str], Review]
 
 
 def token_reviewer(api_client: Any, audience: str = AUDIENCE) -> Reviewer:
     """A TokenReview call with the controller's identity (RBAC: tokenreviews create)."""
     authn: Any = kubernetes.client.AuthenticationV1Api(api_client)
 
-    def review(token: str) -> Mapping[str, Any]:
+    def review(token: str) -> Review:
         body = kubernetes.client.V1TokenReview(
             spec=kubernetes.client.V1TokenReviewSpec(token=token, audiences=[audience])
         )
-        result = authn.create_token_review(body, _request_timeout=k8s.REQUEST_TIMEOUT)
-        status: Mapping[str, Any] = (
-            api_client.sanitize_for_serialization(result).get("status") or {}
+        got = authn.create_token_review(body, _request_timeout=k8s.REQUEST_TIMEOUT).status
+        if got is None:
+            return Review(False, "no status in the TokenReview")
+        user = got.user
+        return Review(
+            authenticated=bool(got.authenticated),
+            error=str(got.error or ""),
+            audiences=tuple(got.audiences or ()),
+            username=str(user.username or "") if user else "",
+            extra=dict(user.extra or {}) if user else {},
         )
-        return status
 
     return review
+
+
+def _typed(kind: type[Model], items: list[dict[str, Any]]) -> list[Model]:
+    """The listed objects as models; a malformed one is logged and left out (it names
+    nothing an agent may read)."""
+    out = []
+    for item in items:
+        try:
+            out.append(kind.model_validate(item))
+        except pydantic.ValidationError as exc:
+            log.warning("secret hand-over: cannot read a %s (%s); ignoring it", kind.KIND, exc)
+    return out
 
 
 def agent_username(env: Mapping[str, str] = os.environ) -> str:
@@ -101,23 +134,23 @@ class Handover:
         wanted = _wanted(body)
         if isinstance(wanted, str):
             return 400, {"reason": wanted}
-        status = self.review(token.strip())
-        if not status.get("authenticated"):
-            why = status.get("error") or "not authenticated"
+        review = self.review(token.strip())
+        if not review.authenticated:
+            why = review.error or "not authenticated"
             log.warning("secret hand-over: token refused (%s) for %s", why, wanted)
             return 401, {"reason": f"token not accepted for audience {self.audience}: {why}"}
-        if self.audience not in (status.get("audiences") or []):
+        if self.audience not in review.audiences:
             return 401, {"reason": f"token not issued for audience {self.audience}"}
-        caller = secret_policy.caller_node(status.get("user") or {}, self.agent_user)
+        caller = secret_policy.caller_node(review.username, review.extra, self.agent_user)
         if not caller.allowed:
             log.warning("secret hand-over refused for %s: %s", wanted, caller.reason)
             return 403, {"reason": caller.reason}
-        node = caller.reason
+        node, ns = caller.reason, wanted.namespace
         decision = secret_policy.decide(
             node,
             wanted,
-            self.kube.list_instances(f"metadata.namespace={wanted.namespace}"),
-            self.kube.list_migrations(namespace=wanted.namespace),
+            _typed(api.VirtualInstance, self.kube.list_instances(f"metadata.namespace={ns}")),
+            _typed(api.Migration, self.kube.list_migrations(namespace=ns)),
         )
         if not decision.allowed:
             log.warning("secret hand-over to node %s refused: %s", node, decision.reason)

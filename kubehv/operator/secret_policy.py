@@ -10,22 +10,27 @@ whose ``status.targetNode`` is that node. So a compromised node reads the secret
 instances and nothing else. No I/O here: the caller passes what it read fresh from the API,
 and the table tests (tests/operator/test_secret_policy.py) cover each rule.
 
-Which fields name Secrets an agent must read (raw objects, so a field the model of this
-version does not know yet is still honoured): the VNC password
+Which fields name Secrets an agent must read: the VNC password
 ``spec.console.vnc.passwordSecretRef`` (when VNC is enabled) and the cloud-init user data
-``spec.cloudInit.userDataSecretRef``.
+``spec.cloudInit.userDataSecretRef`` (issue 12's field: honoured once the model has it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
+import pydantic
+
+from kubehv import api
+from kubehv.api import migration as mig
+
+PATH = "/secrets"
+"""The hand-over's path on the controller's webhook server."""
+AUDIENCE = "kubehv.io/secret-handover"
+"""The audience of the agent's projected token (manifests/base/agent.yaml)."""
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 """userInfo.extra key of a pod-bound ServiceAccount token's node (Kubernetes >= 1.30)."""
-
-OPEN_MIGRATION_DONE = frozenset({"Succeeded", "Failed", "Aborted"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,13 @@ class SecretKey:
         return f"{self.namespace}/{self.name} key {self.key}"
 
 
+class Answer(pydantic.BaseModel):
+    """The hand-over's JSON answer: the key's value (base64) or why not."""
+
+    data: str | None = None
+    reason: str | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
     allowed: bool
@@ -47,15 +59,13 @@ class Decision:
     """Why, for the log and the 403 answer (names objects, never a secret value)."""
 
 
-def caller_node(user: Mapping[str, Any], agent_username: str) -> Decision:
-    """From a TokenReview's ``status.user``: allowed with the node name as ``reason``, or
-    refused with why (not the agent's ServiceAccount, no node claim)."""
-    username = str(user.get("username") or "")
+def caller_node(username: str, extra: Mapping[str, Sequence[str]], agent_username: str) -> Decision:
+    """From a TokenReview's user: allowed with the node name as ``reason``, or refused with
+    why (not the agent's ServiceAccount, no node claim)."""
     if username != agent_username:
         return Decision(False, f"{username or 'an anonymous caller'} is not {agent_username}")
-    extra = user.get("extra") or {}
-    nodes = extra.get(NODE_NAME_EXTRA) if isinstance(extra, Mapping) else None
-    node = str(nodes[0]) if isinstance(nodes, list) and nodes and nodes[0] else ""
+    nodes = extra.get(NODE_NAME_EXTRA) or []
+    node = str(nodes[0]) if nodes and nodes[0] else ""
     if not node:
         return Decision(
             False,
@@ -65,65 +75,49 @@ def caller_node(user: Mapping[str, Any], agent_username: str) -> Decision:
     return Decision(True, node)
 
 
-def _get(obj: Mapping[str, Any], *path: str) -> Any:
-    cur: Any = obj
-    for part in path:
-        if not isinstance(cur, Mapping):
-            return None
-        cur = cur.get(part)
-    return cur
-
-
-def _ref(ref: Any) -> tuple[str, str] | None:
-    if not isinstance(ref, Mapping):
-        return None
-    name, key = ref.get("name"), ref.get("key")
-    return (str(name), str(key)) if name and key else None
-
-
-def secret_refs(vi: Mapping[str, Any]) -> list[tuple[str, str]]:
+def secret_refs(vi: api.VirtualInstance) -> list[tuple[str, str]]:
     """The (Secret name, key) pairs a VirtualInstance's agent must read to run it."""
     out = []
-    vnc = _get(vi, "spec", "console", "vnc")
-    if isinstance(vnc, Mapping) and vnc.get("enabled") is True:
-        ref = _ref(vnc.get("passwordSecretRef"))
-        if ref:
-            out.append(ref)
-    ref = _ref(_get(vi, "spec", "cloudInit", "userDataSecretRef"))
-    if ref:
-        out.append(ref)
+    vnc = vi.spec.console.vnc
+    if vnc.enabled and vnc.password_secret_ref is not None:
+        out.append((vnc.password_secret_ref.name, vnc.password_secret_ref.key))
+    # spec.cloudInit arrives with issue 12 (branch cloud2); until then the model has none.
+    cloud_init = getattr(vi.spec, "cloud_init", None)
+    user_data = getattr(cloud_init, "user_data_secret_ref", None)
+    if user_data is not None:
+        out.append((str(user_data.name), str(user_data.key)))
     return out
 
 
-def _migrating_to(node: str, migrations: Iterable[Mapping[str, Any]]) -> set[str]:
-    """Names of the instances (in the migrations' namespace) with an open Migration to node."""
+def _migrating_to(node: str, namespace: str, migrations: Iterable[api.Migration]) -> set[str]:
+    """Names of the instances of ``namespace`` with an open Migration to ``node``."""
     return {
-        str(_get(m, "spec", "instance"))
+        m.spec.instance
         for m in migrations
-        if _get(m, "status", "targetNode") == node
-        and _get(m, "status", "phase") not in OPEN_MIGRATION_DONE
-        and _get(m, "spec", "instance")
+        if m.metadata.namespace == namespace
+        and m.status.target_node == node
+        and m.status.phase not in mig.TERMINAL_PHASES
     }
 
 
 def decide(
     node: str,
     wanted: SecretKey,
-    instances: Iterable[Mapping[str, Any]],
-    migrations: Iterable[Mapping[str, Any]],
+    instances: Iterable[api.VirtualInstance],
+    migrations: Iterable[api.Migration],
 ) -> Decision:
     """May the agent of ``node`` read ``wanted``? ``instances`` and ``migrations`` are those
     of ``wanted.namespace`` (a Secret is only ever named from its own namespace)."""
     if not node:
         return Decision(False, "no node: the caller's token names none")
-    incoming = _migrating_to(node, [m for m in migrations if _ns(m) == wanted.namespace])
+    incoming = _migrating_to(node, wanted.namespace, migrations)
     for vi in instances:
-        if _ns(vi) != wanted.namespace or _get(vi, "metadata", "deletionTimestamp"):
+        if vi.metadata.namespace != wanted.namespace or vi.metadata.deletion_timestamp:
             continue
         if (wanted.name, wanted.key) not in secret_refs(vi):
             continue
-        name = str(_get(vi, "metadata", "name") or "")
-        if _get(vi, "status", "nodeName") == node:
+        name = vi.metadata.name or ""
+        if vi.status.node_name == node:
             return Decision(True, f"VirtualInstance {wanted.namespace}/{name} runs on {node}")
         if name in incoming:
             return Decision(
@@ -133,7 +127,3 @@ def decide(
         False,
         f"no VirtualInstance bound to node {node} (or migrating to it) names Secret {wanted}",
     )
-
-
-def _ns(obj: Mapping[str, Any]) -> str:
-    return str(_get(obj, "metadata", "namespace") or "")

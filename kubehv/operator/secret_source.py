@@ -12,7 +12,7 @@ other:
 
 - ``controller`` (manifests/base): ``POST /secrets`` to the controller's HTTPS server behind
   the webhook Service, authenticated by the pod's projected ServiceAccount token (audience
-  :data:`secret_handover.AUDIENCE`, re-read on every request: the kubelet rotates it). The
+  :data:`secret_policy.AUDIENCE`, re-read on every request: the kubelet rotates it). The
   server is verified against the CA of the ValidatingWebhookConfiguration it serves (the
   controller keeps that caBundle, or cert-manager injects it); its name is the Service's DNS
   name, even when the URL is the Service's cluster IP (no cluster DNS needed).
@@ -24,14 +24,17 @@ other:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import json
 import ssl
 import threading
 import urllib.parse
-from typing import Any, Protocol
+from typing import Protocol
 
-from kubehv.operator import k8s, secret_handover, settings
+import pydantic
+
+from kubehv.operator import k8s, secret_policy, settings
 
 TIMEOUT_S = 10.0
 
@@ -88,30 +91,30 @@ class ControllerSource:
         if url.scheme != "https" or not url.hostname:
             raise ValueError(f"--secrets-url must be an https:// URL, not {cfg.url!r}")
         self.host, self.port = url.hostname, url.port or 443
-        self.path = url.path or secret_handover.PATH
+        self.path = url.path or secret_policy.PATH
         self.server_name = cfg.server_name or url.hostname
         self._ca: bytes | None = None
         self._lock = threading.Lock()
 
     async def read_secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
-        return await k8s.call(self._read, {"namespace": namespace, "name": name, "key": key})
+        return await k8s.call(self._read, secret_policy.SecretKey(namespace, name, key))
 
-    def _read(self, wanted: dict[str, str]) -> bytes | None:
+    def _read(self, wanted: secret_policy.SecretKey) -> bytes | None:
         if "$(" in self.cfg.url:
             raise SecretSourceUnavailable(
                 f"--secrets-url {self.cfg.url} was not expanded: the controller's Service did "
                 "not exist when this pod started; restart the agent pod"
             )
         try:
-            code, doc = self._post(wanted, self._ca_context())
+            code, answer = self._post(wanted, self._ca_context())
         except ssl.SSLCertVerificationError:
             with self._lock:
                 self._ca = None  # the CA changed (a new install): read it again, once
-            code, doc = self._post(wanted, self._ca_context())
-        where = f"Secret {wanted['namespace']}/{wanted['name']} key {wanted['key']}"
-        if code == 200 and isinstance(doc.get("data"), str):
-            return base64.b64decode(doc["data"])
-        reason = str(doc.get("reason") or f"HTTP {code}")
+            code, answer = self._post(wanted, self._ca_context())
+        where = f"Secret {wanted}"
+        if code == 200 and answer.data is not None:
+            return base64.b64decode(answer.data)
+        reason = answer.reason or f"HTTP {code}"
         if code == 404:
             return None
         if code in (401, 403):
@@ -141,8 +144,10 @@ class ControllerSource:
                 f"cannot read the hand-over token {self.cfg.token_file}: {exc.strerror}"
             ) from exc
 
-    def _post(self, wanted: dict[str, str], ctx: ssl.SSLContext) -> tuple[int, dict[str, Any]]:
-        body = json.dumps(wanted).encode()
+    def _post(
+        self, wanted: secret_policy.SecretKey, ctx: ssl.SSLContext
+    ) -> tuple[int, secret_policy.Answer]:
+        body = json.dumps(dataclasses.asdict(wanted)).encode()
         headers = {
             "Authorization": f"Bearer {self._token()}",
             "Content-Type": "application/json",
@@ -161,10 +166,9 @@ class ControllerSource:
         finally:
             conn.close()
         try:
-            doc = json.loads(raw or b"{}")
-        except ValueError:
-            doc = {}
-        return resp.status, doc if isinstance(doc, dict) else {}
+            return resp.status, secret_policy.Answer.model_validate_json(raw or b"{}")
+        except pydantic.ValidationError:
+            return resp.status, secret_policy.Answer(reason=f"HTTP {resp.status}, not JSON")
 
 
 def from_settings(kube: k8s.Kube, cfg: settings.SecretSettings) -> SecretSource:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kubehv import api
 from kubehv.operator import secret_policy as sp
 
 NS = "team"
@@ -22,38 +23,40 @@ def vi(
     node: str | None,
     *,
     vnc: dict[str, Any] | None = None,
-    user_data: dict[str, str] | None = None,
     namespace: str = NS,
     deleting: bool = False,
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
+) -> api.VirtualInstance:
+    spec: dict[str, Any] = {
+        "hypervisor": "fake",
+        "memory": {"min": "128Mi", "max": "256Mi"},
+        "vcpus": 1,
+    }
     if vnc is not None:
         spec["console"] = {"vnc": vnc}
-    if user_data is not None:
-        spec["cloudInit"] = {"userDataSecretRef": user_data}
     meta: dict[str, Any] = {"name": name, "namespace": namespace}
     if deleting:
         meta["deletionTimestamp"] = "2026-12-01T00:00:00Z"
-    return {"metadata": meta, "spec": spec, "status": {"nodeName": node} if node else {}}
+    status = {"nodeName": node} if node else {}
+    return api.VirtualInstance.model_validate({"metadata": meta, "spec": spec, "status": status})
 
 
-def mig(instance: str, target: str, phase: str = "Running", namespace: str = NS) -> dict[str, Any]:
-    return {
-        "metadata": {"name": f"m-{instance}", "namespace": namespace},
-        "spec": {"instance": instance},
-        "status": {"sourceNode": "node-a", "targetNode": target, "phase": phase},
-    }
+def mig(instance: str, target: str, phase: str = "Running", namespace: str = NS) -> api.Migration:
+    return api.Migration.model_validate(
+        {
+            "metadata": {"name": f"m-{instance}", "namespace": namespace},
+            "spec": {"instance": instance},
+            "status": {"sourceNode": "node-a", "targetNode": target, "phase": phase},
+        }
+    )
 
 
 PW = {"enabled": True, "passwordSecretRef": {"name": "console", "key": "vm1"}}
 WANT_PW = sp.SecretKey(NS, "console", "vm1")
-WANT_UD = sp.SecretKey(NS, "cloud", "userdata")
 
 
 ON_A = [vi("vm1", "node-a", vnc=PW)]
 NO = "no VirtualInstance"
 PW2 = {**PW, "passwordSecretRef": {"name": "console", "key": "vm2"}}
-UD = {"name": "cloud", "key": "userdata"}
 
 
 @pytest.mark.parametrize(
@@ -75,8 +78,6 @@ UD = {"name": "cloud", "key": "userdata"}
         ("node-a", WANT_PW, [vi("vm1", "node-a", vnc={**PW, "enabled": False})], [], False, NO),
         # Being deleted: the agent only stops it.
         ("node-a", WANT_PW, [vi("vm1", "node-a", vnc=PW, deleting=True)], [], False, NO),
-        # cloud-init user data from a Secret.
-        ("node-a", WANT_UD, [vi("vm1", "node-a", user_data=UD)], [], True, "runs on node-a"),
         # The target of an open migration may read it; a finished one's may not.
         ("node-b", WANT_PW, ON_A, [mig("vm1", "node-b")], True, "migrating to node-b"),
         ("node-b", WANT_PW, ON_A, [mig("vm1", "node-b", "Succeeded")], False, NO),
@@ -95,8 +96,8 @@ UD = {"name": "cloud", "key": "userdata"}
 def test_decide(
     node: str,
     wanted: sp.SecretKey,
-    instances: list[dict[str, Any]],
-    migrations: list[dict[str, Any]],
+    instances: list[api.VirtualInstance],
+    migrations: list[api.Migration],
     allowed: bool,
     why: str,
 ) -> None:
@@ -106,35 +107,34 @@ def test_decide(
 
 
 @pytest.mark.parametrize(
-    ("user", "allowed", "reason"),
+    ("username", "extra", "allowed", "reason"),
     [
-        ({"username": AGENT, "extra": {sp.NODE_NAME_EXTRA: ["node-a"]}}, True, "node-a"),
+        (AGENT, {sp.NODE_NAME_EXTRA: ["node-a"]}, True, "node-a"),
         # A token not bound to a pod on a node (a legacy Secret token): no node, refused.
-        ({"username": AGENT, "extra": {}}, False, "not bound to a pod"),
-        ({"username": AGENT}, False, "not bound to a pod"),
-        ({"username": AGENT, "extra": {sp.NODE_NAME_EXTRA: [""]}}, False, "not bound to a pod"),
+        (AGENT, {}, False, "not bound to a pod"),
+        (AGENT, {sp.NODE_NAME_EXTRA: []}, False, "not bound to a pod"),
+        (AGENT, {sp.NODE_NAME_EXTRA: [""]}, False, "not bound to a pod"),
         # Anyone else, even with a node claim (another pod's token on that node): refused.
         (
-            {
-                "username": "system:serviceaccount:default:default",
-                "extra": {sp.NODE_NAME_EXTRA: ["node-a"]},
-            },
+            "system:serviceaccount:default:default",
+            {sp.NODE_NAME_EXTRA: ["node-a"]},
             False,
             "is not system:serviceaccount:kubehv-system:kubehv-agent",
         ),
-        ({"username": "system:serviceaccount:other:kubehv-agent"}, False, "is not"),
-        ({}, False, "anonymous"),
+        ("system:serviceaccount:other:kubehv-agent", {}, False, "is not"),
+        ("", {}, False, "anonymous"),
     ],
 )
-def test_caller_node(user: dict[str, Any], allowed: bool, reason: str) -> None:
-    decision = sp.caller_node(user, AGENT)
+def test_caller_node(
+    username: str, extra: dict[str, list[str]], allowed: bool, reason: str
+) -> None:
+    decision = sp.caller_node(username, extra, AGENT)
     assert decision.allowed is allowed
     assert reason in decision.reason
 
 
 def test_secret_refs_lists_what_the_agent_reads() -> None:
-    both = vi("vm1", "n", vnc=PW, user_data={"name": "cloud", "key": "userdata"})
-    assert sp.secret_refs(both) == [("console", "vm1"), ("cloud", "userdata")]
+    assert sp.secret_refs(vi("vm1", "n", vnc=PW)) == [("console", "vm1")]
     assert sp.secret_refs(vi("vm1", "n")) == []
-    assert sp.secret_refs({"spec": {"console": {"vnc": {"enabled": True}}}}) == []
-    assert sp.secret_refs({"spec": None}) == []
+    assert sp.secret_refs(vi("vm1", "n", vnc={"enabled": True})) == []
+    assert sp.secret_refs(vi("vm1", "n", vnc={**PW, "enabled": False})) == []
