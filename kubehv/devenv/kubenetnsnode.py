@@ -12,8 +12,10 @@ libvirtd through the hostPath /run/libvirt. What it takes (each found by trying)
   ``cgroupRoot`` (``/kubehv-node-<node>``, created beforehand in every hierarchy) so its
   ``kubepods`` never meet the first node's (a node session killed before its teardown
   leaves them; the next node's restore removes them, :mod:`hostrestore`);
-- the node's ``/var/lib/kubehv`` (the agent's state hostPath) is bind-mounted from a folder
-  of its own, as the per-node libvirt folders are;
+- the node's ``/var/lib/kubehv`` (the agent's state hostPath), ``/var/log/pods`` and
+  ``/var/log/containers`` are bind-mounted from folders of its own, as the per-node libvirt
+  folders are (with shared pod log folders each kubelet deletes the other's pods' logs as
+  orphans, and ``kubectl logs`` fails);
 - the kubelet and kube-proxy reach the API server at the first node's bridge address (the
   node's loopback is its own), by a route through the host; pods get ``10.244.<n>.0/24`` on
   a bridge inside the netns, and the host routes that subnet to the node's address;
@@ -96,6 +98,9 @@ class NetnsKubelet:
             *(f"cat {CPUSET}/cpuset.{k} > {CPUSET}/{self.cgroup}/cpuset.{k}"
               for k in ("cpus", "mems")),
             f"mkdir -p /var/lib/kubehv && mount --bind {self.dir / 'kubehv-state'} /var/lib/kubehv",
+            # the kubelet's pod logs: shared, each kubelet removes the other's as orphans
+            *(f"mkdir -p /var/log/{d} {self.dir / d} && mount --bind {self.dir / d} /var/log/{d}"
+              for d in ("pods", "containers")),
         ]  # fmt: skip
         self._sh(" && ".join(mounts))
         kubeconfig = self.dir / "kubeconfig"

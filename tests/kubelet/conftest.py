@@ -109,6 +109,9 @@ class Deployed:
 
     def logs(self) -> str:
         out = [self.node.logs(20)]
+        for what in (("get", "vi,mig", "-A", "-o", "wide"), ("get", "events", "-A")):
+            proc = self.node.kubectl(*what, check=False)
+            out.append(f"===== kubectl {' '.join(what)} =====\n{proc.stdout[-6000:]}")
         for extra in self.extra_logs:
             out.append(f"===== {extra} =====\n{log_tail(extra, 60)}")
         for app in ("kubehv-agent", "kubehv-controller"):
