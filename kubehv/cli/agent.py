@@ -104,6 +104,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="driver node parameter (e.g. memory_total_mib=4096 for the fake driver)",
     )
+    defaults = settings.SecretSettings()
+    parser.add_argument(
+        "--secrets",
+        choices=["api", "controller"],
+        default=env("KUBEHV_SECRETS", defaults.source),
+        help="where instances' Secret keys (VNC password, cloud-init user data) come from: "
+        "'controller' (the shipped DaemonSet: the controller hands over only the keys of this "
+        "node's instances) or 'api' (this agent's own credentials; a process with an admin "
+        "kubeconfig). Never one falling back on the other",
+    )
+    for flag, default, text in (
+        ("url", defaults.url, "the controller's hand-over endpoint (--secrets=controller)"),
+        ("server-name", defaults.server_name, "the name the controller's certificate must "
+         "carry (default: the URL's host)"),
+        ("token-file", defaults.token_file, "the pod's projected token for the hand-over"),
+        ("ca-from", defaults.ca_from, "the ValidatingWebhookConfiguration whose caBundle "
+         "verifies the controller"),
+    ):  # fmt: skip
+        variable = "KUBEHV_SECRETS_" + flag.upper().replace("-", "_")
+        parser.add_argument(f"--secrets-{flag}", default=env(variable, default), help=text)
     parser.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--crash-limit", type=int, default=5)
     parser.add_argument("--crash-window", type=float, default=600.0, metavar="SECONDS")
@@ -131,6 +151,13 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         kubeconfig=args.kubeconfig,
         driver_params=dict(args.driver_param),
+        secrets=settings.SecretSettings(
+            source=args.secrets,
+            url=args.secrets_url,
+            server_name=args.secrets_server_name,
+            token_file=args.secrets_token_file,
+            ca_from=args.secrets_ca_from,
+        ),
         policy=instance_logic.Policy(
             backoff_base_s=args.restart_backoff,
             crash_limit=args.crash_limit,

@@ -29,8 +29,17 @@ class ContainerdError(RuntimeError):
 class Containerd:
     """One containerd under ``directory``; ``sandbox_image`` is the pause image's reference."""
 
-    def __init__(self, directory: Path, *, cni_conf_dir: Path, sandbox_image: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        cni_conf_dir: Path,
+        sandbox_image: str,
+        enter: tuple[str, ...] = (),
+    ) -> None:
+        """``enter``: a prefix that runs containerd inside another node's namespaces."""
         self.dir = directory
+        self.enter = enter
         self.cni_conf_dir = cni_conf_dir
         self.sandbox_image = sandbox_image
         self.proc: ManagedProcess | None = None
@@ -94,7 +103,7 @@ state = "{d / "state"}"
         (self.dir / "config.toml").write_text(self.config())
         self.proc = ManagedProcess(
             "containerd",
-            ["containerd", "--config", str(self.dir / "config.toml")],
+            [*self.enter, "containerd", "--config", str(self.dir / "config.toml")],
             self.log,
         )
         self.proc.start()

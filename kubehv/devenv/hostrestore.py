@@ -38,6 +38,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # (kill -9, a CI timeout) leaves it behind, and the next node restores the host from it.
 LEFTOVER = Path("/run/kubehv-kubenode-host.json")
 KUBEPODS = "kubepods"
+EXTRA_NODE_CGROUPS = "kubehv-node-*"
+"""cgroupRoot of the second kubelets (kubehv.devenv.kubenetnsnode): one node session owns
+them all (the node lock), so a restore removes any left behind."""
 
 
 def _sysctl_path(key: str) -> Path:
@@ -193,6 +196,8 @@ class HostState:
         unmount_under(directory)
         if not self.kubepods_existed:
             remove_cgroups()
+        for name in {p.name for p in CGROUP_ROOT.glob(f"*/{EXTRA_NODE_CGROUPS}")}:
+            remove_cgroups(name)
         if not self.bridge_existed:
             _run("ip", "link", "del", bridge)
         remove_iptables_chains()

@@ -191,27 +191,7 @@ class KubeNode:
         self.timings["containerd"] = round(time.monotonic() - began, 1)
 
     def _cni_config(self) -> dict[str, Any]:
-        # No ipMasq, no portmap: pods talk only to the host, each other and Services, so the
-        # bridge plugin adds no iptables rules of its own.
-        return {
-            "cniVersion": "1.0.0",
-            "name": "kubehv",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": BRIDGE,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "hairpinMode": True,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": POD_SUBNET, "gateway": NODE_IP}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": str(self.dir / "cni-ipam"),
-                    },
-                }
-            ],
-        }
+        return cni_config("kubehv", BRIDGE, POD_SUBNET, NODE_IP, self.dir / "cni-ipam")
 
     def _start_images(self, node_bins: binaries.NodeBinaries) -> None:
         began = time.monotonic()
@@ -266,38 +246,7 @@ class KubeNode:
         assert self.containerd is not None
         root = self.dir / "kubelet"
         root.mkdir(parents=True, exist_ok=True)
-        config = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1",
-            "kind": "KubeletConfiguration",
-            "address": NODE_IP,
-            "port": free_port(),
-            "readOnlyPort": 0,
-            "healthzPort": 0,
-            "authentication": {
-                "anonymous": {"enabled": False},
-                "webhook": {"enabled": False},
-                "x509": {"clientCAFile": str(self.cp.certs.ca_cert)},
-            },
-            "authorization": {"mode": "AlwaysAllow"},
-            "cgroupDriver": "cgroupfs",
-            "failSwapOn": False,
-            "protectKernelDefaults": False,
-            "makeIPTablesUtilChains": False,
-            "containerRuntimeEndpoint": self.containerd.endpoint,
-            "serializeImagePulls": False,
-            "evictionHard": {
-                "memory.available": "1Mi",
-                "nodefs.available": "1%",
-                "nodefs.inodesFree": "1%",
-                "imagefs.available": "1%",
-            },
-            "imageGCHighThresholdPercent": 100,
-            "imageGCLowThresholdPercent": 99,
-            "resolvConf": "/etc/resolv.conf",
-            "fileCheckFrequency": "5s",
-            "syncFrequency": "10s",
-            "nodeStatusUpdateFrequency": "5s",
-        }
+        config = kubelet_config(NODE_IP, self.cp.certs.ca_cert, self.containerd.endpoint)
         (root / "config.yaml").write_text(yaml.safe_dump(config))
         self._spawn(
             "kubelet",
@@ -315,25 +264,7 @@ class KubeNode:
         )
 
     def _start_kube_proxy(self, nb: binaries.NodeBinaries) -> None:
-        config = {
-            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
-            "kind": "KubeProxyConfiguration",
-            "clientConnection": {"kubeconfig": str(self.kubeconfig)},
-            "mode": "iptables",
-            "clusterCIDR": POD_SUBNET,
-            "hostnameOverride": self.node_name,
-            "bindAddress": "127.0.0.1",
-            "healthzBindAddress": f"127.0.0.1:{free_port()}",
-            "metricsBindAddress": f"127.0.0.1:{free_port()}",
-            # 0 = leave the host's conntrack settings alone.
-            "conntrack": {
-                "maxPerCore": 0,
-                "min": 0,
-                "tcpEstablishedTimeout": "0s",
-                "tcpCloseWaitTimeout": "0s",
-            },
-            "iptables": {"localhostNodePorts": False},
-        }
+        config = kube_proxy_config(self.kubeconfig, POD_SUBNET, self.node_name)
         path = self.dir / "kube-proxy.yaml"
         path.write_text(yaml.safe_dump(config))
         self._spawn("kube-proxy", [str(nb.kube_proxy), f"--config={path}", "--v=1"])
@@ -365,3 +296,86 @@ class KubeNode:
             return
         pods = self.kubectl("get", "pods", "-n", namespace, "-o", "wide").stdout
         raise KubeNodeError(f"pods in {namespace} not Ready:\n{pods}\n{self.logs()}")
+
+
+# ---- configuration shared with a second node (kubehv.devenv.kubenetnsnode) ---------------------
+def cni_config(name: str, bridge: str, subnet: str, gateway: str, ipam_dir: Path) -> dict[str, Any]:
+    # No ipMasq, no portmap: pods talk only to the host, each other and Services, so the
+    # bridge plugin adds no iptables rules of its own.
+    return {
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet, "gateway": gateway}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(ipam_dir),
+                },
+            }
+        ],
+    }
+
+
+def kubelet_config(address: str, ca_cert: Path, endpoint: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": address,
+        "port": free_port(),
+        "readOnlyPort": 0,
+        "healthzPort": 0,
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": False},
+            "x509": {"clientCAFile": str(ca_cert)},
+        },
+        "authorization": {"mode": "AlwaysAllow"},
+        "cgroupDriver": "cgroupfs",
+        "failSwapOn": False,
+        "protectKernelDefaults": False,
+        "makeIPTablesUtilChains": False,
+        "containerRuntimeEndpoint": endpoint,
+        "serializeImagePulls": False,
+        "evictionHard": {
+            "memory.available": "1Mi",
+            "nodefs.available": "1%",
+            "nodefs.inodesFree": "1%",
+            "imagefs.available": "1%",
+        },
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "resolvConf": "/etc/resolv.conf",
+        "fileCheckFrequency": "5s",
+        "syncFrequency": "10s",
+        "nodeStatusUpdateFrequency": "5s",
+        **extra,
+    }
+
+
+def kube_proxy_config(kubeconfig: Path, cluster_cidr: str, node_name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(kubeconfig)},
+        "mode": "iptables",
+        "clusterCIDR": cluster_cidr,
+        "hostnameOverride": node_name,
+        "bindAddress": "127.0.0.1",
+        "healthzBindAddress": f"127.0.0.1:{free_port()}",
+        "metricsBindAddress": f"127.0.0.1:{free_port()}",
+        # 0 = leave the host's conntrack settings alone.
+        "conntrack": {
+            "maxPerCore": 0,
+            "min": 0,
+            "tcpEstablishedTimeout": "0s",
+            "tcpCloseWaitTimeout": "0s",
+        },
+        "iptables": {"localhostNodePorts": False},
+    }

@@ -28,6 +28,7 @@ from kubehv.operator import (
     memory_footprint,
     metrics,
     node_status,
+    secret_source,
     workloads,
 )
 from kubehv.operator import owner as owner_mod
@@ -65,6 +66,7 @@ def build_context(cfg: opsettings.AgentSettings) -> context.AgentContext:
         api_client=api_client,
         kube=kube,
         driver=driver,
+        secrets=secret_source.from_settings(kube, cfg.secrets),
         node_defaults=dict(spec.default_parameters),
     )
 
@@ -147,6 +149,9 @@ def run(cfg: opsettings.AgentSettings) -> int:
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         opsettings.configure_agent_kopf(settings, cfg.node_name)
 
-    log.info("agent for node %s (%s driver) starting", cfg.node_name, cfg.hypervisor)
+    log.info(
+        "agent for node %s (%s driver) starting; Secrets from %s",
+        cfg.node_name, cfg.hypervisor, cfg.secrets.source,
+    )  # fmt: skip
     kopf.run(registry=registry, standalone=True, clusterwide=True)
     return 0

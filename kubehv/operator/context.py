@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from kubehv.drivers import base
-from kubehv.operator import k8s, rest, settings
+from kubehv.operator import k8s, rest, secret_source, settings
 
 
 @dataclasses.dataclass
@@ -21,6 +21,8 @@ class AgentContext:
     api_client: rest.Client
     kube: k8s.Kube
     driver: base.BaseHypervisor
+    secrets: secret_source.SecretSource
+    """Where its instances' Secret keys come from (the controller, or its own API access)."""
     node_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The NodeHypervisor's ``spec.defaultParameters`` (refreshed on every heartbeat)."""
 

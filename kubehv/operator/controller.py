@@ -1,5 +1,8 @@
 """The cluster controller: placement, heartbeat loss, the webhook; Migrations and drain too.
 
+In a cluster, its webhook server also hands agents the Secret keys of their own instances
+(:mod:`secret_handover`).
+
 Why this module exists: it wires the pure modules (:mod:`placement`, :mod:`heartbeat`,
 :mod:`webhook`) into kopf. kopf event handlers keep in-memory caches of NodeHypervisors and
 VirtualInstances (no kopf bookkeeping writes on the objects); placement happens on an
@@ -37,6 +40,7 @@ from kubehv.operator import (
     metrics,
     migration_controller,
     placement,
+    secret_handover,
     webhook,
 )
 from kubehv.operator import settings as opsettings
@@ -282,7 +286,15 @@ def run(cfg: opsettings.ControllerSettings) -> int:
     metrics.serve(cfg.metrics_port)  # a standby too: kubehv_leader 0
     keeper = webhook.cluster_keeper(api_client) if cfg.webhook_port else None
     if keeper is not None:
-        admission = webhook.AdmissionServer(keeper, cfg.webhook_port)
+        # The same server hands Secret keys to agents, for their own instances only.
+        handover = secret_handover.Handover(
+            ctx.kube,
+            secret_handover.token_reviewer(ctx.kube),
+            secret_handover.agent_username(),
+        )
+        admission = webhook.AdmissionServer(
+            keeper, cfg.webhook_port, routes={secret_handover.PATH: handover.handle}
+        )
         admission.start()
         probes.ready["webhook"] = admission.serving
     elector = None

@@ -3,8 +3,9 @@
 Why this module exists: it is the I/O half of the owner's instance decisions
 (:mod:`owner_logic`). The owner (:mod:`owner`) calls :meth:`InstanceActs.act` with one
 decided act, under its per-instance serialisation; driver calls run in threads, status is
-written only when it changed. The VNC password goes from its Secret to a 0600 file in the
-state directory and nowhere else (not status, Events or logs).
+written only when it changed. The VNC password goes from its Secret (through the agent's
+:mod:`secret_source`: the controller's hand-over in a cluster) to a 0600 file in the state
+directory and nowhere else (not status, Events or logs).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kubehv.operator import (
     instance_logic,
     k8s,
     metrics,
+    secret_source,
     status,
     translate,
     workloads,
@@ -186,7 +188,7 @@ class InstanceActs:
         vi, name = subject.vi, subject.name
         try:
             password_file = await self._password_file(subject)
-            user_data = await workloads.user_data(self.kube, subject.vi)
+            user_data = await workloads.user_data(self.ctx.secrets, subject.vi)
             spec = self._spec(subject.vi, password_file, user_data)
             checked = cls.check_parameter_syntax(spec.params)
             cls.validate_parameters(spec.params)
@@ -309,14 +311,11 @@ class InstanceActs:
             return None
         ns = subject.namespace
         try:
-            secret = await k8s.call(self.kube.read_secret_key, ns, ref.name, ref.key)
-        except Exception as exc:
-            if k8s.is_status(exc, 403):
-                raise errors.InvalidInstanceSpec(
-                    f"the kubehv agent may not read the VNC password Secret {ref.name!r} in "
-                    f"namespace {ns} (agents may read only Secrets named kubehv-console)"
-                ) from exc
-            raise
+            secret = await self.ctx.secrets.read_secret_key(ns, ref.name, ref.key)
+        except secret_source.SecretRefused as exc:
+            raise errors.InvalidInstanceSpec(
+                f"cannot read the VNC password (Secret {ref.name!r} in namespace {ns}): {exc}"
+            ) from exc
         if secret is None:
             raise errors.InvalidInstanceSpec(
                 f"VNC password Secret {ref.name!r} (key {ref.key!r}) not found in namespace {ns}"

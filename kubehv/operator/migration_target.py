@@ -33,7 +33,9 @@ class TargetRole(roles.Role):
             vi, spec = await self.instance(view)
             # The seed ISO is rebuilt here: with the Secret's user data, as the source had it.
             spec = translate.instance_spec(
-                vi, self.ctx.node_defaults, user_data=await workloads.user_data(self.kube, vi)
+                vi,
+                self.ctx.node_defaults,
+                user_data=await workloads.user_data(self.ctx.secrets, vi),
             )
             address = (await self.node_object(self.node)).spec.migration_address or ""
             await self.journal(view, journal.Role.TARGET, journal.Stage.ACCEPTING, view.source_node)

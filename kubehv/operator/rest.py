@@ -79,8 +79,14 @@ def _ssl_context(creds: kubeconfig.Credentials) -> ssl.SSLContext:
 class Client:
     """One API server, one identity, one connection pool."""
 
-    def __init__(self, creds: kubeconfig.Credentials, pool_size: int = 8) -> None:
+    def __init__(
+        self,
+        creds: kubeconfig.Credentials,
+        pool_size: int = 8,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.creds = creds
+        self.headers = dict(headers or {})  # sent on every call (tests: Impersonate-User)
         self.server = creds.server
         # Only connection failures are retried (nothing reached the server); a read timeout
         # of a write is never retried blindly: its effect is unknown, the caller re-reads.
@@ -107,7 +113,7 @@ class Client:
         data = None if body is None else json.dumps(body).encode()
         connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
         for attempt in (1, 2):
-            headers = {"Accept": "application/json", "User-Agent": "kubehv"}
+            headers = {"Accept": "application/json", "User-Agent": "kubehv", **self.headers}
             if data is not None:
                 headers["Content-Type"] = content_type
             token = self.creds.bearer()

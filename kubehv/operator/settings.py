@@ -23,6 +23,17 @@ LOGIN_TTL = datetime.timedelta(minutes=5)
 
 
 @dataclasses.dataclass
+class SecretSettings:
+    """Where the agent reads its instances' Secret keys (kubehv.operator.secret_source)."""
+
+    source: str = "api"  # "api": its own credentials; "controller": the hand-over
+    url: str = "https://kubehv-webhook.kubehv-system.svc/secrets"
+    server_name: str = ""  # the name the controller's certificate is checked for ("": url's)
+    token_file: str = "/var/run/secrets/kubehv.io/secret-handover/token"  # noqa: S105 - a path
+    ca_from: str = "kubehv"  # the ValidatingWebhookConfiguration whose caBundle verifies it
+
+
+@dataclasses.dataclass
 class AgentSettings:
     node_name: str
     hypervisor: str = "fake"
@@ -42,6 +53,7 @@ class AgentSettings:
     # read by the source role of a migration (kubehv.operator.migration_source)
     migration_stall_timeout_s: float = 60.0
     migration_progress_interval_s: float = 0.5
+    secrets: SecretSettings = dataclasses.field(default_factory=SecretSettings)
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ from kubehv.drivers import registry as driver_registry
 from kubehv.operator import health, k8s, rest, translate, webhook_certs
 
 log = logging.getLogger(__name__)
+
+Route = Callable[[Mapping[str, str], bytes], tuple[int, dict[str, Any]]]
+"""Another POST path on the webhook's HTTPS server: (headers with lower-case names, body)
+-> (code, JSON body)."""
 
 
 def problems(body: Mapping[str, Any]) -> str | None:
@@ -119,14 +123,22 @@ def cluster_keeper(api_client: rest.Client) -> webhook_certs.Keeper | None:
 class AdmissionServer:
     """The in-cluster webhook: HTTPS in daemon threads, independent of kopf and of the Lease.
 
+    Other POST paths (``routes``: the Secret hand-over) share its port and certificate.
     Every controller replica runs one from its start, so the Service always has a Ready
     endpoint and the webhook keeps answering across a leader change (the check is stateless:
     :func:`problems`). The certificate comes from the :class:`webhook_certs.Keeper`, re-synced
     on a timer; a new pair is loaded into a fresh TLS context that the next connection uses.
     """
 
-    def __init__(self, keeper: webhook_certs.Keeper, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104
+    def __init__(
+        self,
+        keeper: webhook_certs.Keeper,
+        port: int,
+        addr: str = "0.0.0.0",  # noqa: S104
+        routes: Mapping[str, Route] | None = None,
+    ) -> None:
         self.keeper, self.port, self.addr = keeper, port, addr
+        self.routes = dict(routes or {})
         self._context = self._load()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._stop = threading.Event()
@@ -160,6 +172,12 @@ class AdmissionServer:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
+                route = outer.routes.get(self.path.split("?", 1)[0])
+                if route is not None:  # e.g. the Secret hand-over (secret_handover)
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    code, doc = route(headers, self.rfile.read(min(length, 65536)))
+                    self.reply(code, json.dumps(doc).encode(), "application/json")
+                    return
                 try:
                     review = json.loads(self.rfile.read(length) or b"{}")
                     answer = review_response(review)

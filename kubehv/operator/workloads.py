@@ -21,7 +21,7 @@ from typing import Any
 
 from kubehv import api
 from kubehv.drivers import base, errors, values
-from kubehv.operator import k8s, status, translate
+from kubehv.operator import k8s, secret_source, status, translate
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,23 @@ class SecretNotFound(errors.InvalidInstanceSpec):
     reason = "SecretNotFound"
 
 
-async def user_data(kube: k8s.Kube, vi: api.VirtualInstance) -> str | None:
-    """The user data from the Secret the spec names, or None when it names none."""
+async def user_data(secrets: secret_source.SecretSource, vi: api.VirtualInstance) -> str | None:
+    """The user data from the Secret the spec names, or None when it names none.
+
+    Read through the agent's Secret source: in a cluster the controller hands it over, and
+    only to the node the instance is bound to (or the target of its open Migration).
+    """
     ref = translate.user_data_secret_ref(vi)
     if ref is None:
         return None
     namespace = vi.metadata.namespace or ""
     try:
-        secret = await k8s.call(kube.read_secret_key, namespace, ref[0], ref[1])
-    except Exception as exc:
-        if k8s.is_status(exc, 403):
-            raise SecretNotFound(
-                f"the kubehv agent may not read the cloud-init user data Secret {ref[0]!r} in "
-                f"namespace {namespace} (forbidden by its RBAC)"
-            ) from exc
-        raise
+        secret = await secrets.read_secret_key(namespace, ref[0], ref[1])
+    except secret_source.SecretRefused as exc:
+        raise SecretNotFound(
+            f"cannot read the cloud-init user data Secret {ref[0]!r} in namespace "
+            f"{namespace}: {exc}"
+        ) from exc
     if secret is None:
         raise SecretNotFound(
             f"cloud-init user data Secret {ref[0]!r} (key {ref[1]!r}) not found in namespace "

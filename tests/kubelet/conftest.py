@@ -11,7 +11,9 @@ does not come up is an error.
 
 The test guest's kernel and initrd are copied under /var/lib/libvirt/images (the directory
 the DaemonSet mounts for the driver's node checks) and, for the migration target, into the
-same path inside the netns node (whose /var/lib/libvirt is private to it).
+same path inside the netns node (whose /var/lib/libvirt is private to it). That second node
+runs its own kubelet (kubehv.devenv.kubenetnsnode), so both ends of the migration are pods
+of the shipped DaemonSet.
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -32,12 +31,12 @@ import kubernetes
 import pluggy
 import pytest
 
-from kubehv.devenv import binaries, kubenode
+from kubehv.devenv import binaries, kubenetnsnode, kubenode
 from kubehv.devenv.controlplane import log_tail
 from kubehv.devenv.guest import GuestImage
 from kubehv.devenv.libvirtd import LocalLibvirtd
 from kubehv.devenv.netns import LibvirtNode, NodeSet
-from tests.fixtures.operator import GROUP, NHV, VERSION, Proc, get_object, wait_for
+from tests.fixtures.operator import GROUP, NHV, VERSION, get_object, wait_for
 from tests.fixtures.real import missing_real_part
 
 REPO = binaries.REPO_ROOT
@@ -67,6 +66,12 @@ class Deployed:
     def pods(self, name: str) -> list[Any]:
         selector = f"app.kubernetes.io/name={name}"
         return list(self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items)
+
+    def agent_pod(self, node: str) -> Any:
+        """The DaemonSet's agent pod on ``node``."""
+        pods = [p for p in self.pods("kubehv-agent") if p.spec.node_name == node]
+        assert len(pods) == 1, f"agent pods on {node}: {[p.metadata.name for p in pods]}"
+        return pods[0]
 
     def settled_controllers(self) -> list[Any]:
         """The two controller pods once both run and are Ready (none terminating), else []."""
@@ -104,6 +109,9 @@ class Deployed:
 
     def logs(self) -> str:
         out = [self.node.logs(20)]
+        for what in (("get", "vi,mig", "-A", "-o", "wide"), ("get", "events", "-A")):
+            proc = self.node.kubectl(*what, check=False)
+            out.append(f"===== kubectl {' '.join(what)} =====\n{proc.stdout[-6000:]}")
         for extra in self.extra_logs:
             out.append(f"===== {extra} =====\n{log_tail(extra, 60)}")
         for app in ("kubehv-agent", "kubehv-controller"):
@@ -170,39 +178,29 @@ def _ready(obj: dict[str, Any] | None) -> bool:
 
 
 @pytest.fixture(scope="session")
-def netns_node(deployed: Deployed, guest_image: GuestImage) -> Iterator[LibvirtNode]:
-    """A second hypervisor node: a netns libvirtd with a `kubehv agent` process for it."""
+def netns_node(
+    deployed: Deployed, real_node: kubenode.KubeNode, guest_image: GuestImage
+) -> Iterator[LibvirtNode]:
+    """A second kubelet node: a netns libvirtd with its own kubelet and containerd
+    (kubehv.devenv.kubenetnsnode); the shipped DaemonSet runs its agent pod there."""
     nodes = NodeSet(count=1)
     try:
         nodes.start()
     except OSError as exc:
         missing_real_part("netns libvirt node", str(exc))
     node = nodes[0]
-    # The agent pod (10.244.0.x) talks to this node's libvirtd itself (it confirms a copy's
-    # arrival there): give the node a way back to the pods, through the host.
-    route = ["route", "replace", kubenode.POD_SUBNET, "via", nodes.bridge_address]
-    subprocess.run(["ip", "-n", node.name, *route], check=True, capture_output=True, timeout=30)
     _copy_guest(guest_image, Path(node.host_path(GUEST_DIR)))
-    workdir = Path(tempfile.mkdtemp(prefix="kubehv-kubelet-agent-"))
-    argv = [
-        sys.executable, "-m", "kubehv.cli", "agent", "--node-name", node.name,
-        "--hypervisor", "kvm", "--connection-uri", node.uri,
-        "--migration-address", node.address, "--state-dir", str(workdir / "state"),
-        "--kubeconfig", str(deployed.node.kubeconfig), "--heartbeat-interval", "2",
-        "--driver-param", f"allowed_dirs={GUEST_DIR}",
-    ]  # fmt: skip
-    agent = Proc(f"agent-{node.name}", argv, workdir / "agent.log", deployed.node.cp.env())
-    agent.start()
-    deployed.extra_logs.append(workdir / "agent.log")
+    second = kubenetnsnode.NetnsKubelet(real_node, node, nodes.bridge_address)
     try:
-        wait_for(lambda: _ready(deployed.nhv(node.name)), 120, f"NodeHypervisor {node.name}")
+        second.start()
+        deployed.extra_logs += [p.log for p in second.procs]
+        wait_for(lambda: _ready(deployed.nhv(node.name)), 240, f"NodeHypervisor {node.name}")
         yield node
     finally:
-        agent.stop()
+        second.stop()  # its agent pod first: it would register the node again
         with contextlib.suppress(Exception):
             deployed.custom.delete_cluster_custom_object(GROUP, VERSION, NHV, node.name)
         nodes.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

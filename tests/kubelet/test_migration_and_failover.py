@@ -1,11 +1,12 @@
-"""On the real node: a live migration between two agents, and the controller's leader failover.
+"""On the real nodes: a live migration between two DaemonSet pods, and the leader failover.
 
-Why: issue 13 §2 and §4. The migration's source is the agent of the shipped DaemonSet (a pod
-on the kubelet node, driving the host's libvirtd); its target is a second hypervisor node, a
-netns libvirtd with a ``kubehv agent`` process (one kubelet per machine: the second node
-cannot be a second kubelet here). Failover: the Deployment's two controller replicas, the
-leader's pod deleted; the standby takes the Lease, the webhook answers all along (every
-replica serves it), and no container is restarted by its liveness probe.
+Why: issue 13 §2 and §4. The migration's source is the agent pod of the shipped DaemonSet on
+the kubelet node (driving the host's libvirtd); its target is the DaemonSet's agent pod on a
+second kubelet node, which runs inside a netns libvirt node (kubehv.devenv.kubenetnsnode) and
+drives that node's libvirtd through the same hostPath /run/libvirt. Failover: the
+Deployment's two controller replicas, the leader's pod deleted; the standby takes the Lease,
+the webhook answers all along (every replica serves it), and no container is restarted by
+its liveness probe.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _schedulable(d: Deployed, node: str, on: bool) -> None:
     d.kubectl("patch", "nhv", node, "--type=merge", "-p", patch)
 
 
-def test_live_migration_from_the_daemonset_agent(
+def test_live_migration_between_daemonset_pods(
     deployed: Deployed, netns_node: LibvirtNode, vi_namespace: str
 ) -> None:
     name = f"m-{uuid.uuid4().hex[:5]}"
@@ -75,6 +76,10 @@ def test_live_migration_from_the_daemonset_agent(
     )
     on_target = netns_node.virsh("list", "--name").stdout.split()
     assert f"{vi_namespace}.{name}" in on_target
+    # Both ends were pods of the shipped DaemonSet, one per kubelet node.
+    for node in (home, netns_node.name):
+        pod = deployed.agent_pod(node)
+        assert [o.kind for o in pod.metadata.owner_references] == ["DaemonSet"], node
 
 
 def _lease_holder(d: Deployed) -> str:

@@ -33,10 +33,11 @@ def _phase(d: Deployed, ns: str, name: str) -> str:
 
 def test_every_pod_ready_and_the_agent_pod_registers_its_node(deployed: Deployed) -> None:
     controllers = wait_for(deployed.settled_controllers, 240, "two Ready controller pods")
-    agents = deployed.pods("kubehv-agent")
-    assert len(agents) == 1
-    for pod in agents + controllers:
-        assert pod.spec.node_name == deployed.node.node_name
+    # One agent per kubelet node (a second node joins for the migration tests).
+    agent = deployed.agent_pod(deployed.node.node_name)
+    nodes = {n.metadata.name for n in deployed.core.list_node().items}
+    for pod in [agent, *controllers]:
+        assert pod.spec.node_name in nodes
         assert all(c.ready for c in pod.status.container_statuses)
     nhv = deployed.nhv(deployed.node.node_name) or {}
     # The migration address comes from the downward API's status.hostIP (the node's IP).
@@ -90,6 +91,7 @@ def _can(d: Deployed, who: str, *what: str) -> bool:
     [
         (AGENT_SA, ("list", "secrets", "-A"), False),
         (AGENT_SA, ("watch", "secrets", "-A"), False),
+        (AGENT_SA, ("get", "secrets", "-A"), False),
         (AGENT_SA, ("delete", "virtualinstances.kubehv.io", "-A"), False),
         (AGENT_SA, ("create", "pods", "-A"), False),
         (AGENT_SA, ("patch", "nodehypervisors.kubehv.io"), True),
@@ -97,7 +99,9 @@ def _can(d: Deployed, who: str, *what: str) -> bool:
         (CONTROLLER_SA, ("list", "secrets", "-A"), False),
         (CONTROLLER_SA, ("create", "pods", "-A"), False),
         (CONTROLLER_SA, ("patch", "migrations.kubehv.io", "--subresource=status", "-A"), True),
-        (CONTROLLER_SA, ("get", "secrets", "-n", SYSTEM_NS), False),
+        # get by name: its webhook certificate, and the Secret hand-over to agents
+        (CONTROLLER_SA, ("get", "secrets", "-n", SYSTEM_NS), True),
+        (CONTROLLER_SA, ("watch", "secrets", "-A"), False),
     ],
 )
 def test_rbac_limits_by_impersonation(
@@ -110,7 +114,7 @@ def test_agent_pod_cannot_change_a_spec(deployed: Deployed, vi_namespace: str) -
     """The admission policy as the agent pod's own token meets it (node claim included)."""
     name = f"p-{uuid.uuid4().hex[:5]}"
     deployed.kubectl("apply", "-f", "-", stdin=deployed.guest_manifest(vi_namespace, name))
-    pod = deployed.pods("kubehv-agent")[0].metadata.name
+    pod = deployed.agent_pod(deployed.node.node_name).metadata.name
     script = (
         "import json,ssl,urllib.request as u;"
         "t=open('/var/run/secrets/kubernetes.io/serviceaccount/token').read();"

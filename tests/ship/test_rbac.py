@@ -262,13 +262,15 @@ def test_controller_cannot_patch_a_spec_either(
     forbidden(lambda: controller.delete_namespaced_custom_object(GROUP, VERSION, ns, VI, name))
 
 
-def test_secrets_agent_gets_only_console_secrets_controller_only_its_own(
+def test_secrets_agent_gets_none_controller_gets_by_name_only(
     kubehv_installed: controlplane.ControlPlane,
     impersonate: Impersonate,
     user_namespace: str,
 ) -> None:
+    """Agents have no Secret access at all (the controller hands over their instances' keys:
+    tests/ship/test_secret_handover.py); the controller gets Secrets by name, never lists."""
     admin = k8s.CoreV1Api(kubehv_installed.api_client())
-    for name in ("kubehv-console", "db-password"):
+    for name in ("console", "db-password"):
         admin.create_namespaced_secret(
             user_namespace,
             k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), string_data={"password": "x"}),
@@ -276,49 +278,22 @@ def test_secrets_agent_gets_only_console_secrets_controller_only_its_own(
     agent = k8s.CoreV1Api(impersonate(AGENT, node="node-a"))
     controller = k8s.CoreV1Api(impersonate(CONTROLLER))
 
-    # Agent: the console-password Secret by its name, nothing else; never list/watch.
-    secret = agent.read_namespaced_secret("kubehv-console", user_namespace)
-    assert secret.data is not None and secret.data["password"]
+    forbidden(lambda: agent.read_namespaced_secret("console", user_namespace))
     forbidden(lambda: agent.read_namespaced_secret("db-password", user_namespace))
     forbidden(lambda: agent.read_namespaced_secret("kubehv-webhook-tls", "kubehv-system"))
     forbidden(lambda: agent.list_namespaced_secret(user_namespace))
     forbidden(agent.list_secret_for_all_namespaces)
 
-    # Controller: its webhook certificate Secret and nothing else.
+    # Controller: get by name (its webhook certificate; instances' keys for the hand-over),
+    # update only its own; never list or watch.
     controller.read_namespaced_secret("kubehv-webhook-tls", "kubehv-system")
-    forbidden(lambda: controller.read_namespaced_secret("kubehv-console", user_namespace))
+    controller.read_namespaced_secret("console", user_namespace)
     forbidden(lambda: controller.list_namespaced_secret("kubehv-system"))
-
-
-def test_console_password_must_come_from_the_readable_secret(
-    kubehv_installed: controlplane.ControlPlane, user_namespace: str
-) -> None:
-    """An instance naming another Secret would fail on its node with "forbidden": refused at
-    the door instead, saying which name works."""
-    admin = custom(kubehv_installed.api_client())
-
-    def with_secret(name: str, secret: str) -> dict[str, Any]:
-        body = example_instance(name, user_namespace)
-        body["spec"]["console"] = {
-            "vnc": {"enabled": True, "passwordSecretRef": {"name": secret, "key": name}}
-        }
-        return body
-
-    def refused() -> bool:
-        try:
-            admin.create_namespaced_custom_object(
-                GROUP, VERSION, user_namespace, VI, with_secret("probe", "db-password")
-            )
-        except ApiException as exc:
-            if exc.status == 422 and "must be kubehv-console" in (exc.body or ""):
-                return True
-            raise
-        admin.delete_namespaced_custom_object(GROUP, VERSION, user_namespace, VI, "probe")
-        return False
-
-    wait_policy_active(refused, "kubehv-console-secret-name")
-    admin.create_namespaced_custom_object(
-        GROUP, VERSION, user_namespace, VI, with_secret("ok", "kubehv-console")
+    forbidden(controller.list_secret_for_all_namespaces)
+    forbidden(
+        lambda: controller.patch_namespaced_secret(
+            "console", user_namespace, {"stringData": {"password": "y"}}
+        )
     )
 
 
@@ -411,11 +386,15 @@ def test_controller_leader_election_lease(
         (AGENT, "delete", "virtualinstances", False),
         (AGENT, "list", "secrets", False),
         (AGENT, "get", "secrets", False),
-        (AGENT, "get", "secrets/kubehv-console", True),
+        (AGENT, "get", "secrets/kubehv-console", False),
+        (AGENT, "create", "tokenreviews", False),
         (AGENT, "create", "nodehypervisors", True),
         (CONTROLLER, "create", "migrations", True),
         (CONTROLLER, "create", "nodehypervisors", False),
-        (CONTROLLER, "get", "secrets", False),
+        (CONTROLLER, "get", "secrets", True),
+        (CONTROLLER, "list", "secrets", False),
+        (CONTROLLER, "create", "tokenreviews", True),
+        (CONTROLLER, "watch", "secrets", False),
         (CONTROLLER, "delete", "virtualinstances", False),
     ],
 )
@@ -427,7 +406,7 @@ def test_can_i_cross_check(
     allowed: bool,
 ) -> None:
     resource_arg, _, sub = resource.partition("/")
-    if resource_arg == "secrets":
+    if resource_arg in ("secrets", "tokenreviews"):  # core kinds, not kubehv's
         resource_arg, extra = resource, []  # secrets/NAME: a resource name, not a subresource
     else:
         resource_arg += ".kubehv.io"
