@@ -25,12 +25,6 @@ from kubernetes.client import exceptions as k8s_exceptions
 from kubehv import api
 from kubehv.api import constants
 
-GROUP = constants.GROUP
-VERSION = constants.VERSION
-VI = constants.PLURAL_VI
-MIGRATION = constants.PLURAL_MIG
-NHV = constants.PLURAL_NHV
-
 ApiException = k8s_exceptions.ApiException
 
 
@@ -82,16 +76,24 @@ class Kube:
     # ---- reads, parsed into the kubehv.api models at this edge ------------------------------
     def get_vi(self, name: str, namespace: str | None = None) -> api.VirtualInstance:
         obj = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace or self.namespace, VI, name
+            constants.GROUP,
+            constants.VERSION,
+            namespace or self.namespace,
+            constants.PLURAL_VI,
+            name,
         )
         return parse(api.VirtualInstance, obj)
 
     def get_nhv(self, name: str) -> api.NodeHypervisor:
-        obj = self.custom.get_cluster_custom_object(GROUP, VERSION, NHV, name)
+        obj = self.custom.get_cluster_custom_object(
+            constants.GROUP, constants.VERSION, constants.PLURAL_NHV, name
+        )
         return parse(api.NodeHypervisor, obj)
 
     def list_nhvs(self) -> list[api.NodeHypervisor]:
-        result = self.custom.list_cluster_custom_object(GROUP, VERSION, NHV)
+        result = self.custom.list_cluster_custom_object(
+            constants.GROUP, constants.VERSION, constants.PLURAL_NHV
+        )
         return parse_list(api.NodeHypervisor, result)
 
     def list_vis(
@@ -101,10 +103,12 @@ class Kube:
         if field_selector:
             kwargs["field_selector"] = field_selector
         if namespace is None:
-            result = self.custom.list_cluster_custom_object(GROUP, VERSION, VI, **kwargs)
+            result = self.custom.list_cluster_custom_object(
+                constants.GROUP, constants.VERSION, constants.PLURAL_VI, **kwargs
+            )
         else:
             result = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, VI, **kwargs
+                constants.GROUP, constants.VERSION, namespace, constants.PLURAL_VI, **kwargs
             )
         return parse_list(api.VirtualInstance, result)
 
@@ -120,7 +124,7 @@ class Kube:
     def create_migration(self, body: api.Migration) -> api.Migration:
         namespace = body.metadata.namespace or self.namespace
         created = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, MIGRATION, body.to_dict()
+            constants.GROUP, constants.VERSION, namespace, constants.PLURAL_MIG, body.to_dict()
         )
         return parse(api.Migration, created)
 
@@ -128,12 +132,19 @@ class Kube:
         self, name: str, patch: dict[str, Any], namespace: str | None = None
     ) -> api.VirtualInstance:
         obj = self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace or self.namespace, VI, name, patch
+            constants.GROUP,
+            constants.VERSION,
+            namespace or self.namespace,
+            constants.PLURAL_VI,
+            name,
+            patch,
         )
         return parse(api.VirtualInstance, obj)
 
     def patch_nhv(self, name: str, patch: dict[str, Any]) -> api.NodeHypervisor:
-        obj = self.custom.patch_cluster_custom_object(GROUP, VERSION, NHV, name, patch)
+        obj = self.custom.patch_cluster_custom_object(
+            constants.GROUP, constants.VERSION, constants.PLURAL_NHV, name, patch
+        )
         return parse(api.NodeHypervisor, obj)
 
     def watch_migration(
@@ -141,16 +152,18 @@ class Kube:
     ) -> Iterator[api.Migration | None]:
         """The Migration now, then each change, until ``timeout_s`` passes without a change;
         ``None`` when it is deleted (and the end)."""
-        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, MIGRATION, name)
+        obj = self.custom.get_namespaced_custom_object(
+            constants.GROUP, constants.VERSION, namespace, constants.PLURAL_MIG, name
+        )
         first = parse(api.Migration, obj)
         yield first
         w = k8s_watch.Watch()  # type: ignore[no-untyped-call]
         for event in w.stream(  # type: ignore[no-untyped-call]
             self.custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
+            constants.GROUP,
+            constants.VERSION,
             namespace,
-            MIGRATION,
+            constants.PLURAL_MIG,
             field_selector=f"metadata.name={name}",
             resource_version=first.metadata.resource_version,
             timeout_seconds=timeout_s,

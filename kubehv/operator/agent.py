@@ -19,6 +19,7 @@ from typing import Any
 import kopf
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.drivers import registry as driver_registry
 from kubehv.drivers import values
 from kubehv.operator import (
@@ -77,7 +78,7 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> owne
     publisher = node_status.Publisher(ctx, owner.known_instances)
     node = ctx.node_name
 
-    @kopf.on.event(k8s.GROUP, k8s.VI_PLURAL, registry=registry, id="instance")
+    @kopf.on.event(constants.GROUP, constants.PLURAL_VI, registry=registry, id="instance")
     async def on_instance(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         await owner.on_instance_event(event.get("type"), dict(body))
 
@@ -86,7 +87,9 @@ def register(registry: kopf.OperatorRegistry, ctx: context.AgentContext) -> owne
         roles = api.MigrationStatus.model_validate(dict(status))
         return node in (roles.source_node, roles.target_node)
 
-    @kopf.on.event(k8s.GROUP, k8s.MIG_PLURAL, registry=registry, when=involved, id="migration")
+    @kopf.on.event(
+        constants.GROUP, constants.PLURAL_MIG, registry=registry, when=involved, id="migration"
+    )
     async def on_migration(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         await owner.on_migration_event(event.get("type"), dict(body))
 

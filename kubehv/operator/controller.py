@@ -232,11 +232,11 @@ def _rv(obj: api.VirtualInstance | api.NodeHypervisor) -> int:
 def register(registry: kopf.OperatorRegistry, ctx: context.ControllerContext) -> Controller:
     ctl = Controller(ctx)
 
-    @kopf.on.event(k8s.GROUP, k8s.NHV_PLURAL, registry=registry, id="node-cache")
+    @kopf.on.event(constants.GROUP, constants.PLURAL_NHV, registry=registry, id="node-cache")
     async def on_node(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         ctl.remember(ctl.nodes, api.NodeHypervisor, event.get("type"), body)
 
-    @kopf.on.event(k8s.GROUP, k8s.VI_PLURAL, registry=registry, id="placement")
+    @kopf.on.event(constants.GROUP, constants.PLURAL_VI, registry=registry, id="placement")
     async def on_instance(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         vi = ctl.remember(ctl.vis, api.VirtualInstance, event.get("type"), body)
         if vi is not None and _unplaced(vi):

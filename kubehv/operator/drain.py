@@ -53,12 +53,12 @@ def drain_migration_name(instance: str, node: str) -> str:
 def drain_migration(instance: sched.InstanceFacts, node: str) -> dict[str, Any]:
     """The Migration that evicts ``instance`` from ``node`` (policy LiveMigrate or Migrate)."""
     return {
-        "apiVersion": f"{ml.GROUP}/{ml.VERSION}",
+        "apiVersion": f"{constants.GROUP}/{constants.VERSION}",
         "kind": "Migration",
         "metadata": {
             "name": drain_migration_name(instance.name, node),
             "namespace": instance.namespace,
-            "labels": {ml.DRAIN_LABEL: node},
+            "labels": {constants.DRAIN_LABEL: node},
         },
         "spec": {
             "instance": instance.name,
@@ -224,7 +224,7 @@ def register(registry: kopf.OperatorRegistry, ctx: Any) -> None:
     """Controller side: watch NodeHypervisors for spec.drain."""
     drain = DrainController(ctx)
 
-    @kopf.on.event(ml.GROUP, "nodehypervisors", registry=registry, id="drain-controller")
+    @kopf.on.event(constants.GROUP, "nodehypervisors", registry=registry, id="drain-controller")
     async def on_node(body: kopf.Body, **_: Any) -> None:
         await drain.reconcile_node(dict(body))
 

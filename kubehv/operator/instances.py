@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.api import virtualinstance as vim
 from kubehv.drivers import errors, values
 from kubehv.operator import (
@@ -391,7 +392,9 @@ class InstanceActs:
     async def _set_finalizer(self, subject: Subject, add: bool) -> bool:
         current = list(subject.vi.metadata.finalizers)
         finalizers = (
-            [*current, k8s.FINALIZER] if add else [f for f in current if f != k8s.FINALIZER]
+            [*current, constants.INSTANCE_FINALIZER]
+            if add
+            else [f for f in current if f != constants.INSTANCE_FINALIZER]
         )
         rv = subject.vi.metadata.resource_version
         patch = {"metadata": {"finalizers": finalizers, "resourceVersion": rv}}

@@ -22,12 +22,6 @@ from kubehv import api
 from kubehv.api import constants
 from kubehv.operator import rest
 
-GROUP = constants.GROUP
-VERSION = constants.VERSION
-VI_PLURAL = constants.PLURAL_VI
-NHV_PLURAL = constants.PLURAL_NHV
-MIG_PLURAL = constants.PLURAL_MIG
-FINALIZER = constants.INSTANCE_FINALIZER
 """The agent's finalizer on a VirtualInstance: whichever node runs it removes it on delete."""
 
 REQUEST_TIMEOUT = (5.0, 30.0)
@@ -67,7 +61,7 @@ class Kube:
     def _path(
         self, plural: str, name: str = "", namespace: str | None = None, sub: str = ""
     ) -> str:
-        return rest.path(GROUP, VERSION, plural, name, namespace, sub)
+        return rest.path(constants.GROUP, constants.VERSION, plural, name, namespace, sub)
 
     def _get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
@@ -99,10 +93,10 @@ class Kube:
     # --- VirtualInstances -------------------------------------------------------------
 
     def get_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._get(VI_PLURAL, name, namespace)
+        return self._get(constants.PLURAL_VI, name, namespace)
 
     def list_instances(self, field_selector: str = "") -> list[dict[str, Any]]:
-        return self._list(VI_PLURAL, field_selector)
+        return self._list(constants.PLURAL_VI, field_selector)
 
     def patch_vi_status(
         self,
@@ -115,7 +109,7 @@ class Kube:
         body: dict[str, Any] = {"status": dict(status)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        return self._patch_status(VI_PLURAL, name, body, namespace)
+        return self._patch_status(constants.PLURAL_VI, name, body, namespace)
 
     def patch_instance_status(
         self, vi: api.VirtualInstance, status: Mapping[str, Any]
@@ -127,12 +121,12 @@ class Kube:
         )
 
     def patch_vi(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return self._patch(VI_PLURAL, namespace, name, patch)
+        return self._patch(constants.PLURAL_VI, namespace, name, patch)
 
     # --- Migrations ---------------------------------------------------------------------
 
     def get_migration(self, namespace: str, name: str) -> dict[str, Any]:
-        found = self._get(MIG_PLURAL, name, namespace)
+        found = self._get(constants.PLURAL_MIG, name, namespace)
         if found is None:
             raise NotFound(f"Migration {namespace}/{name}")
         return found
@@ -140,34 +134,34 @@ class Kube:
     def list_migrations(
         self, field_selector: str = "", namespace: str | None = None
     ) -> list[dict[str, Any]]:
-        return self._list(MIG_PLURAL, field_selector, namespace)
+        return self._list(constants.PLURAL_MIG, field_selector, namespace)
 
     def patch_migration_status(self, view: Any, patch: Mapping[str, Any]) -> dict[str, Any]:
         """``patch`` (carrying resourceVersion) on the Migration ``view`` names."""
-        return self._patch_status(MIG_PLURAL, view.name, patch, view.namespace)
+        return self._patch_status(constants.PLURAL_MIG, view.name, patch, view.namespace)
 
     def set_migration_finalizers(self, view: Any, finalizers: list[str]) -> dict[str, Any]:
         patch = {"metadata": {"resourceVersion": view.resource_version, "finalizers": finalizers}}
-        return self._patch(MIG_PLURAL, view.namespace, view.name, patch)
+        return self._patch(constants.PLURAL_MIG, view.namespace, view.name, patch)
 
     def create_migration(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.api_client.create(
-            self._path(MIG_PLURAL, namespace=namespace), body, REQUEST_TIMEOUT
+            self._path(constants.PLURAL_MIG, namespace=namespace), body, REQUEST_TIMEOUT
         )
 
     # --- NodeHypervisors --------------------------------------------------------------
 
     def get_node(self, name: str) -> dict[str, Any] | None:
-        return self._get(NHV_PLURAL, name)
+        return self._get(constants.PLURAL_NHV, name)
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        return self._list(NHV_PLURAL)
+        return self._list(constants.PLURAL_NHV)
 
     def create_node(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.api_client.create(self._path(NHV_PLURAL), body, REQUEST_TIMEOUT)
+        return self.api_client.create(self._path(constants.PLURAL_NHV), body, REQUEST_TIMEOUT)
 
     def patch_node_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
-        return self._patch_status(NHV_PLURAL, name, {"status": dict(status)})
+        return self._patch_status(constants.PLURAL_NHV, name, {"status": dict(status)})
 
     # --- Secrets and Events ------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import kopf
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.operator import heartbeat, k8s, memory_commit, metrics
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import migration_scheduling as sched
@@ -140,7 +141,7 @@ class MigrationController:
         elif step is ml.Step.HAND_OFF:
             await self._hand_off(view)
         elif step is ml.Step.RELEASE:
-            rest = [f for f in view.finalizers if f != ml.FINALIZER]
+            rest = [f for f in view.finalizers if f != constants.MIGRATION_FINALIZER]
             await k8s.call(self.store.set_migration_finalizers, view, rest)
 
     async def _write(self, view: ml.MigrationView, patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -179,9 +180,11 @@ class MigrationController:
                 await self._write(view, ml.status_patch(view, conditions=[cond]))
             return
         # Protect the Migration before anything irreversible can happen: our finalizer first.
-        if ml.FINALIZER not in view.finalizers:
+        if constants.MIGRATION_FINALIZER not in view.finalizers:
             body = await k8s.call(
-                self.store.set_migration_finalizers, view, [*view.finalizers, ml.FINALIZER]
+                self.store.set_migration_finalizers,
+                view,
+                [*view.finalizers, constants.MIGRATION_FINALIZER],
             )
             view = ml.MigrationView.from_body(body)
         conds = [ml.condition(ml.COND_QUEUED, False, "Scheduled", "scheduled")]
@@ -263,7 +266,9 @@ class MigrationController:
 def register(registry: kopf.OperatorRegistry, ctx: ControllerContext) -> None:
     controller = MigrationController(ctx)
 
-    @kopf.on.event(ml.GROUP, ml.PLURAL, registry=registry, id="migration-controller")
+    @kopf.on.event(
+        constants.GROUP, constants.PLURAL_MIG, registry=registry, id="migration-controller"
+    )
     async def on_migration(body: kopf.Body, **_: Any) -> None:
         await controller.handle(dict(body))
 

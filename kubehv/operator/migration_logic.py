@@ -35,13 +35,6 @@ from kubehv.api import migration as migration_api
 from kubehv.drivers import values
 from kubehv.operator import status as status_mod
 
-GROUP = constants.GROUP
-VERSION = constants.VERSION
-PLURAL = constants.PLURAL_MIG
-ABORT_ANNOTATION = constants.ABORT_ANNOTATION
-FINALIZER = constants.MIGRATION_FINALIZER
-DRAIN_LABEL = constants.DRAIN_LABEL
-
 # Condition types on a Migration.
 COND_TARGET_FINALIZED = "TargetFinalized"
 COND_SOURCE_FINALIZED = "SourceFinalized"
@@ -168,7 +161,7 @@ class MigrationView:
             creation_time=status_mod.parse_time(meta.creation_timestamp),
             conditions={c.type: c for c in st.conditions},
             deleting=bool(meta.deletion_timestamp),
-            abort_annotated=meta.annotations.get(ABORT_ANNOTATION, "").lower() == "true",
+            abort_annotated=meta.annotations.get(constants.ABORT_ANNOTATION, "").lower() == "true",
             finalizers=tuple(meta.finalizers),
             failure_reason=st.failure_reason or "",
         )
@@ -312,7 +305,7 @@ def _controller_step(
         COND_INSTANCE_MOVED
     ):
         return Step.HAND_OFF
-    if view.deleting and FINALIZER in view.finalizers and view.settled:
+    if view.deleting and constants.MIGRATION_FINALIZER in view.finalizers and view.settled:
         return Step.RELEASE
     return Step.NONE
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import kopf
 
-from kubehv.operator import instance_logic, k8s, kubeconfig
+from kubehv.api import constants
+from kubehv.operator import instance_logic, kubeconfig
 
 LOGIN_TTL = datetime.timedelta(minutes=5)
 """How long kopf keeps a service-account token before it logs in (re-reads it) again."""
@@ -77,7 +78,9 @@ class ControllerSettings:
 
 def configure_agent_kopf(settings: kopf.OperatorSettings, node: str) -> None:
     """Server-side filtering of VirtualInstances to this node's."""
-    settings.watching.field_selectors[k8s.GROUP, k8s.VI_PLURAL] = f"status.nodeName={node}"
+    settings.watching.field_selectors[constants.GROUP, constants.PLURAL_VI] = (
+        f"status.nodeName={node}"
+    )
     _common(settings)
 
 

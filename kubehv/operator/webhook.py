@@ -34,9 +34,10 @@ import kopf
 import pydantic
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.drivers import errors
 from kubehv.drivers import registry as driver_registry
-from kubehv.operator import health, k8s, rest, translate, webhook_certs
+from kubehv.operator import health, rest, translate, webhook_certs
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def problems(body: Mapping[str, Any]) -> str | None:
 
 def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.validate(
-        k8s.GROUP,
-        k8s.VI_PLURAL,
+        constants.GROUP,
+        constants.PLURAL_VI,
         registry=registry,
         id="virtualinstance",
         operations=["CREATE", "UPDATE"],

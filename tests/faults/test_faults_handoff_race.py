@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kubehv.api import constants
 from kubehv.operator import k8s as ms
 from kubehv.operator import migration_logic as ml
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.apiserver, pytest.mark.faults]
 
 def _create_migration(store: ms.Kube, namespace: str) -> dict[str, Any]:
     body = {
-        "apiVersion": f"{ml.GROUP}/{ml.VERSION}",
+        "apiVersion": f"{constants.GROUP}/{constants.VERSION}",
         "kind": "Migration",
         "metadata": {"name": f"race-{uuid.uuid4().hex[:6]}"},
         "spec": {"instance": "nobody"},

@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.operator import drain, heartbeat, placement
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import migration_scheduling as sched
@@ -118,8 +119,10 @@ def migration_controller(sim: Sim) -> None:
             cond = ml.condition(ml.COND_QUEUED, True, "LimitReached", decision.reason)
             mwrite(sim, ml.status_patch(view, conditions=[cond]))
             return
-        if ml.FINALIZER not in view.finalizers:
-            body = sim.set_mig_finalizers([*view.finalizers, ml.FINALIZER], view.resource_version)
+        if constants.MIGRATION_FINALIZER not in view.finalizers:
+            body = sim.set_mig_finalizers(
+                [*view.finalizers, constants.MIGRATION_FINALIZER], view.resource_version
+            )
             view = ml.MigrationView.from_body(body)
         fields = {
             "sourceNode": decision.source,
@@ -144,7 +147,7 @@ def migration_controller(sim: Sim) -> None:
         cond = ml.condition(ml.COND_INSTANCE_MOVED, True, "Moved", "moved")
         mwrite(sim, ml.status_patch(view, conditions=[cond]))
     elif step is S.RELEASE:
-        rest = [f for f in view.finalizers if f != ml.FINALIZER]
+        rest = [f for f in view.finalizers if f != constants.MIGRATION_FINALIZER]
         sim.set_mig_finalizers(rest, view.resource_version)
 
 

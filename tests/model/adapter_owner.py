@@ -16,8 +16,9 @@ from typing import Any
 import pydantic
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.drivers import errors
-from kubehv.operator import instance_logic, instances, k8s
+from kubehv.operator import instance_logic, instances
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import owner_logic as ol
 from kubehv.operator import status as st
@@ -179,9 +180,9 @@ def _instance_act(
             sim.hv.destroy(node)
         current = list(vi.metadata.finalizers)
         wanted = (
-            [*current, k8s.FINALIZER]
+            [*current, constants.INSTANCE_FINALIZER]
             if act is Act.ADD_FINALIZER
-            else [f for f in current if f != k8s.FINALIZER]
+            else [f for f in current if f != constants.INSTANCE_FINALIZER]
         )
         try:
             result = sim.set_vi_finalizers(wanted, vi.metadata.resource_version)

@@ -14,10 +14,10 @@ from typing import Any
 
 import kubernetes
 
-from kubehv.operator import migration_logic as ml
+from kubehv.api import constants
 from tests.fixtures import operator as operator_fixtures
 
-G, V = ml.GROUP, ml.VERSION
+G, V = constants.GROUP, constants.VERSION
 
 
 def custom(cluster: Any) -> Any:

@@ -9,8 +9,9 @@ import pydantic
 import pytest
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.drivers import values
-from kubehv.operator import heartbeat, instance_logic, k8s, placement, status, translate, webhook
+from kubehv.operator import heartbeat, instance_logic, placement, status, translate, webhook
 from kubehv.operator import owner_logic as ol
 
 L = instance_logic
@@ -30,7 +31,7 @@ def vi(
             "namespace": "ns",
             "uid": "u1",
             "generation": 1,
-            "finalizers": [k8s.FINALIZER] if finalizer else [],
+            "finalizers": [constants.INSTANCE_FINALIZER] if finalizer else [],
             **meta,
         },
         "spec": {"hypervisor": "fake", "memory": {"min": "256Mi", "max": "512Mi"}, **(spec or {})},

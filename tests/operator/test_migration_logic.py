@@ -10,6 +10,7 @@ import pydantic
 import pytest
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.drivers import values
 from kubehv.operator import migration_logic as ml
 from kubehv.operator import migration_progress as progress
@@ -38,12 +39,12 @@ def mig(
         "uid": uid,
         "resourceVersion": "7",
         "creationTimestamp": ml.format_time(created),
-        "finalizers": [ml.FINALIZER],
+        "finalizers": [constants.MIGRATION_FINALIZER],
     }
     if deleting:
         meta["deletionTimestamp"] = ml.format_time(T0)
     if abort:
-        meta["annotations"] = {ml.ABORT_ANNOTATION: "true"}
+        meta["annotations"] = {constants.ABORT_ANNOTATION: "true"}
     status: dict[str, Any] = {"phase": phase, "conditions": conditions or []}
     if source:
         status["sourceNode"] = source

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from kubehv import api
+from kubehv.api import constants
 from kubehv.operator import events, k8s, kubeconfig, rest
 
 pytestmark = pytest.mark.apiserver
@@ -162,7 +163,7 @@ def test_kube_custom_objects_and_events(
     kube = k8s.Kube(k8s.load_api_client(str(control_plane.kubeconfig)))
     name = f"vi-{uuid.uuid4().hex[:5]}"
     control_plane.kubectl("apply", "-f", "-", input=json.dumps({
-        "apiVersion": f"{k8s.GROUP}/{k8s.VERSION}", "kind": "VirtualInstance",
+        "apiVersion": f"{constants.GROUP}/{constants.VERSION}", "kind": "VirtualInstance",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"hypervisor": "fake", "memory": {"min": "64Mi", "max": "64Mi"}, "vcpus": 1},
     }))  # fmt: skip
