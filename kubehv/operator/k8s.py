@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
+import logging
+import sys
+import threading
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -22,7 +25,7 @@ from kubehv import api
 from kubehv.api import constants
 from kubehv.operator import rest
 
-"""The agent's finalizer on a VirtualInstance: whichever node runs it removes it on delete."""
+log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds for every API call kubehv makes itself."""
@@ -36,9 +39,44 @@ NotFound = rest.NotFound
 """The object is gone (HTTP 404)."""
 
 
+SLOW_CALL_S = 60.0
+"""A blocking call still running after this long is logged once, with where it waits."""
+
+
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking function (a client call, a driver method) in a worker thread."""
-    return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+    """Run a blocking function (a client call, a driver method) in a worker thread.
+
+    A call that is still running after :data:`SLOW_CALL_S` is logged (once) with its worker
+    thread's stack: a hung hypervisor or API call then says where it hangs instead of
+    leaving an owner silent.
+    """
+    worker: list[int] = []
+
+    def run() -> T:
+        worker.append(threading.get_ident())
+        return fn(*args, **kwargs)
+
+    task = asyncio.ensure_future(asyncio.to_thread(run))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=SLOW_CALL_S)
+        if not done:
+            where = _stack(worker)
+            log.warning("%s still running after %.0f s:\n%s", _name(fn), SLOW_CALL_S, where)
+        return await task
+    except asyncio.CancelledError:
+        task.cancel()  # the thread runs to its end; nobody waits for its result
+        raise
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
+
+
+def _stack(worker: list[int]) -> str:
+    frame = sys._current_frames().get(worker[0]) if worker else None
+    if frame is None:
+        return "  (waiting for a free worker thread)"
+    return "".join(traceback.format_stack(frame))
 
 
 def load_api_client(kubeconfig: str | None = None) -> rest.Client:
