@@ -79,6 +79,13 @@ class Deployed:
         ready = [p for p in pods if all(c.ready for c in p.status.container_statuses or [])]
         return pods if len(pods) == 2 and len(ready) == 2 else []
 
+    def webhook_answers(self) -> bool:
+        """A server-side dry-run create of a VirtualInstance got past the webhook call."""
+        probe = self.guest_manifest("default", f"probe-{uuid.uuid4().hex[:5]}")
+        out = self.kubectl("apply", "--dry-run=server", "-f", "-", stdin=probe, check=False)
+        answered = "created" in out or "denied the request" in out
+        return answered and "failed calling webhook" not in out
+
     def vi(self, namespace: str, name: str) -> dict[str, Any] | None:
         return get_object(self.custom, namespace, "virtualinstances", name)
 
@@ -162,6 +169,9 @@ def deployed(real_node: kubenode.KubeNode, guest_image: GuestImage) -> Iterator[
     try:
         real_node.wait_pods_ready(SYSTEM_NS)
         wait_for(lambda: _ready(d.nhv(real_node.node_name)), 180, "the agent pod's node Ready")
+        # Pods Ready is not yet "the API server reaches the webhook through its Service"
+        # (kube-proxy programs the Service a moment later: "connection refused" seen once).
+        wait_for(d.webhook_answers, 120, "the webhook to answer through its Service", 1.0)
         yield d
     except BaseException:
         print(d.logs())

@@ -98,7 +98,8 @@ class Asker:
 
     def __init__(self, d: Deployed, workdir: Path) -> None:
         self.d, self.workdir = d, workdir
-        self.kube = k8s.Kube(d.api)  # admin: reads the webhook configuration's caBundle
+        # admin, over the operator's own client: reads the webhook configuration's caBundle
+        self.kube = k8s.Kube(k8s.load_api_client(str(d.node.cp.kubeconfig)))
         controllers = wait_for(d.settled_controllers, 240, "two Ready controller pods")
         self.controller_ip = controllers[0].status.pod_ip
 
