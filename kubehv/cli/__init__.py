@@ -10,7 +10,9 @@ them. Each subcommand module exposes
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = next((a for a in args_list if a in SUBCOMMANDS), None)
     if chosen in LEAN:
         lean_imports.refuse_kube_client()  # before kopf is imported (agent RSS)
+        # `kill -USR1 <pid>` prints every thread's stack to stderr (the pod's log): a hung
+        # agent or controller then shows where it waits, without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser(only=chosen or "__none__")
     args = parser.parse_args(args_list)
     module = importlib.import_module(args._module)

@@ -123,8 +123,14 @@ class Deployed:
             out.append(f"===== {extra} =====\n{log_tail(extra, 60)}")
         for app in ("kubehv-agent", "kubehv-controller"):
             for pod in self.pods(app):
+                if app == "kubehv-agent":  # its threads' stacks first (faulthandler, SIGUSR1)
+                    self.node.kubectl(
+                        "exec", "-n", SYSTEM_NS, pod.metadata.name, "--",
+                        "sh", "-c", "kill -USR1 1", check=False,
+                    )  # fmt: skip
+                tail = "--tail=200" if app == "kubehv-agent" else "--tail=40"
                 proc = self.node.kubectl(
-                    "logs", "-n", SYSTEM_NS, pod.metadata.name, "--tail=40", check=False
+                    "logs", "-n", SYSTEM_NS, pod.metadata.name, tail, check=False
                 )
                 out.append(f"===== pod {pod.metadata.name} =====\n{proc.stdout}{proc.stderr}")
         return "\n".join(out)
