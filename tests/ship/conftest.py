@@ -80,10 +80,6 @@ def example_instance(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def wait_crds_established(cp: controlplane.ControlPlane, names: list[str]) -> None:
-    cp.wait_established(names)
-
-
 @pytest.fixture(scope="session")
 def base_docs() -> list[dict[str, Any]]:
     return documents(kustomize(MANIFESTS / "base"))
@@ -99,8 +95,8 @@ def kubehv_installed(
     cp.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(real)
     )
-    wait_crds_established(
-        cp, [d["metadata"]["name"] for d in real if d["kind"] == "CustomResourceDefinition"]
+    cp.wait_established(
+        [d["metadata"]["name"] for d in real if d["kind"] == "CustomResourceDefinition"]
     )
     rbac = [d for d in base_docs if d["kind"] in REAL_KINDS]
     # The webhook's Secret is applied too: the controller may read that one Secret only.
