@@ -36,6 +36,7 @@ import pytest
 from kubehv.devenv import serial
 from kubehv.devenv.guest import GuestImage
 from kubehv.devenv.netns import LibvirtNode, NodeSet
+from tests.fixtures import reporting
 from tests.fixtures.kube import fresh_namespace
 from tests.fixtures.operator import (
     GROUP,
@@ -217,8 +218,4 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: Any
 ) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
-    report = outcome.get_result()
-    if report.when == "call" and report.failed:
-        cluster = getattr(item, "funcargs", {}).get("kvm_cluster")
-        if isinstance(cluster, KvmCluster):
-            report.sections.append(("kubehv process logs", cluster.logs()))
+    reporting.attach_logs(outcome.get_result(), item, "kvm_cluster", "kubehv process logs")

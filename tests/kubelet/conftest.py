@@ -36,6 +36,7 @@ from kubehv.devenv.controlplane import log_tail
 from kubehv.devenv.guest import GuestImage
 from kubehv.devenv.libvirtd import LocalLibvirtd
 from kubehv.devenv.netns import LibvirtNode, NodeSet
+from tests.fixtures import reporting
 from tests.fixtures.operator import GROUP, NHV, VERSION, get_object, wait_for
 from tests.fixtures.real import missing_real_part
 
@@ -236,9 +237,4 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: Any
 ) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
-    report = outcome.get_result()
-    if report.when == "call" and report.failed:
-        d = getattr(item, "funcargs", {}).get("deployed")
-        if isinstance(d, Deployed):
-            with contextlib.suppress(Exception):
-                report.sections.append(("real node and pod logs", d.logs()))
+    reporting.attach_logs(outcome.get_result(), item, "deployed", "real node and pod logs")
