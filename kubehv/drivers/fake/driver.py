@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from kubehv.drivers import base, errors, parameters, values
-from kubehv.drivers.fake import memstats, migration, migration_target, store
+from kubehv.drivers.fake import disks, memstats, migration, migration_target, store
 from kubehv.drivers.fake import params as fparams
 
 _STATES = {
@@ -63,6 +63,7 @@ class FakeHypervisor(
             # No persistence asked for: a private directory (lost with the process's tmp).
             state_dir = tempfile.mkdtemp(prefix="kubehv-fake-")
         self.store = store.Store(state_dir)
+        self.storage = disks.node_storage(state_dir, self._int_param("image_max_size_mib"))
         self.clock: Callable[[], float] = time.time
         # Names whose migrate_instance call is starting in this object: only to say "not
         # started yet" instead of "no job"; outcomes are read from the job files.
@@ -128,10 +129,25 @@ class FakeHypervisor(
     ) -> values.InstanceInfo:
         self.check_instance_spec(instance)
         with self.store.locked():
+            self._refuse_running(instance.name)
+        # Outside the lock, like libvirt: a download never holds up the node's other calls.
+        created = disks.prepare(self.storage, instance)
+        try:
+            return self._start(instance, startup_paused)
+        except BaseException:
+            disks.discard(created)
+            raise
+
+    def _refuse_running(self, name: str) -> None:
+        old = self.store.current(name, self.clock())
+        if old is not None and (old.alive or old.status == store.INCOMING):
+            raise errors.InstanceAlreadyRunning(name)
+
+    def _start(self, instance: values.InstanceSpec, startup_paused: bool) -> values.InstanceInfo:
+        with self.store.locked():
             now = self.clock()
             old = self.store.current(instance.name, now)
-            if old is not None and (old.alive or old.status == store.INCOMING):
-                raise errors.InstanceAlreadyRunning(instance.name)
+            self._refuse_running(instance.name)
             if fparams.as_bool(instance.params, "fail_start"):
                 raise errors.InstanceStartError(
                     f"instance {instance.name!r} failed to start (fake fault fail_start)"
@@ -277,6 +293,16 @@ class FakeHypervisor(
 
     def list_foreign_instances(self) -> list[str]:
         return self.store.foreign_names()
+
+    def fetch_instance_images(
+        self,
+        instance: values.InstanceSpec,
+        progress: Callable[[values.ImageProgress], None] | None = None,
+    ) -> None:
+        disks.fetch(self.storage, instance, progress)
+
+    def release_instance_storage(self, instance: values.InstanceSpec) -> list[str]:
+        return self.storage.release(instance)
 
     def get_node_info(self) -> values.NodeInfo:
         now = self.clock()

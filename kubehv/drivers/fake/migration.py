@@ -38,9 +38,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from kubehv.drivers import errors, values
+from kubehv.drivers.fake import disks as fdisks
 from kubehv.drivers.fake import job as fjob
 from kubehv.drivers.fake import params as fparams
 from kubehv.drivers.fake import store as fstore
+from kubehv.drivers.storage import disks as storage_disks
 
 MIB = 1024 * 1024
 URI_PREFIX = "fake://"
@@ -83,6 +85,7 @@ class FakeMigration:
     POLL_S: ClassVar[float] = 0.02
 
     store: fstore.Store
+    storage: storage_disks.NodeStorage
     config: values.DriverConfig
     clock: Callable[[], float]
     _starting: set[str]
@@ -336,7 +339,8 @@ class FakeMigration:
         with self.store.locked():
             rec = self.store.current(name, self.clock())
             if rec is None:
-                if success:
+                if success:  # it left: its node-made disks live on the target now
+                    fdisks.drop_local(self.storage, instance)
                     return  # nothing (left) to finalize: idempotent
                 raise _gone_from_source(name)
             mig = rec.migration
@@ -360,6 +364,7 @@ class FakeMigration:
             if fparams.fails_at(instance.params, "finalize_source"):
                 raise fault("finalize_source", name)
             self.store.remove(name)
+            fdisks.drop_local(self.storage, instance)  # the disks live on the target now
 
 
 def _status(mig: fstore.MigrationRecord) -> values.MigrationStatus:

@@ -13,16 +13,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kubehv.drivers import base, errors, values
+from kubehv.drivers.fake import disks as fdisks
 from kubehv.drivers.fake import job as fjob
 from kubehv.drivers.fake import params as fparams
 from kubehv.drivers.fake import store as fstore
 from kubehv.drivers.fake.migration import MIB, fault, parse_blob
+from kubehv.drivers.storage import disks as storage_disks
 
 
 class FakeMigrationTarget:
     """Target half of :class:`kubehv.drivers.fake.driver.FakeHypervisor`'s migration."""
 
     store: fstore.Store
+    storage: storage_disks.NodeStorage
     config: values.DriverConfig
     clock: Callable[[], float]
 
@@ -36,6 +39,9 @@ class FakeMigrationTarget:
         if fparams.fails_at(instance.params, "accept"):
             raise fault("accept", instance.name)
         blob = parse_blob(info, instance.name)
+        # The node-made disks, as libvirt's target makes them before the copy (outside the
+        # lock: a download never holds up the node's other calls).
+        fdisks.prepare(self.storage, instance)
         with self.store.locked():
             now = self.clock()
             old = self.store.current(instance.name, now)
@@ -88,6 +94,8 @@ class FakeMigrationTarget:
                         f"{instance.name!r} did not arrive on this node after a migration "
                         "reported as successful"
                     )
+                if rec is None:  # nothing of that name here: drop what accept_instance made
+                    fdisks.drop_local(self.storage, instance)
                 return
             if not success:
                 if rec.status != fstore.INCOMING and mig.state == fjob.COMPLETED:
@@ -97,6 +105,7 @@ class FakeMigrationTarget:
                     if self.store.current(instance.name, self.clock()) is not None:
                         raise errors.MigrationCompleted(instance.name, self.config.node_name)
                 self.store.remove(instance.name)
+                fdisks.drop_local(self.storage, instance)  # what accept_instance made
                 return
             if mig.state != fjob.COMPLETED:
                 raise errors.MigrationError(

@@ -101,6 +101,14 @@ NODE_PARAMETERS: Mapping[str, parameters.Parameter] = {
             syntax_check=parameters.is_positive,
             syntax_message="must be a positive number",
         ),
+        P(
+            "image_max_size_mib",
+            int,
+            "the largest image the node downloads (as the libvirt node parameter)",
+            default=20480,
+            syntax_check=parameters.is_positive,
+            syntax_message="must be a positive number of MiB",
+        ),
         P("verify_fail", str, "if not empty, verify() reports this problem", default=""),
         P("hypervisor_version", str, "the version the fake node reports", default="fake-1.0"),
     )
