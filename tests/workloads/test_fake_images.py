@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubehv.drivers import errors, fake, values
 from kubehv.drivers.storage import errors as storage_errors
+from tests.fixtures.operator import OperatorCluster, condition
 from tests.workloads.conftest import ImageServer, make_qcow2, sha256
 
 
@@ -130,3 +132,34 @@ def test_a_migration_undone_on_the_target_drops_what_accept_made(
     target.finalize_migration_dst(spec, info, success=False)
     assert not _overlay(tmp_path / "b", spec).exists()
     assert _overlay(tmp_path / "a", spec).is_file()  # the source copy keeps its disk
+
+
+@pytest.mark.apiserver
+def test_the_agent_shows_image_problems_on_the_fake_as_on_libvirt(
+    operator_cluster: OperatorCluster, namespace: str, image_server: ImageServer
+) -> None:
+    """Through the agent: ImagesReady Cached and a Running instance for a good image; the same
+    ImageChecksumMismatch refusal the kvm e2e sees for a bad checksum, with no record."""
+    c = operator_cluster
+    image = make_qcow2(image_server.root / "debian.qcow2", "32M")
+    url = image_server.url(image.name)
+    c.create_vi(namespace, "good", disks=[{"image": {"url": url, "sha256": sha256(image)}}])
+    c.create_vi(namespace, "badsum", disks=[{"image": {"url": url, "sha256": "0" * 64}}])
+
+    def images(vi: dict[str, Any]) -> dict[str, Any]:
+        return condition(vi, "ImagesReady")
+
+    good = c.wait_vi(namespace, "good", lambda vi: vi["status"].get("phase") == "Running")
+    assert images(good)["status"] == "True" and images(good)["reason"] == "Cached"
+    node = good["status"]["nodeName"]
+    assert c.fake_instances(node, namespace).get("good") == "running"
+    overlay = c.agents[node].state_dir / f"storage/instances/{namespace}/good/disk0.qcow2"
+    assert overlay.is_file()
+
+    bad = c.wait_vi(
+        namespace, "badsum", lambda vi: images(vi).get("reason") == "ImageChecksumMismatch"
+    )
+    assert images(bad)["status"] == "False"
+    assert "not the 0000" in images(bad)["message"] and "was not used" in images(bad)["message"]
+    assert condition(bad, "Ready")["status"] == "False"
+    assert "badsum" not in c.fake_instances(bad["status"]["nodeName"], namespace)
