@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,9 @@ import libvirt
 import pytest
 
 from kubehv.devenv import serial
+from kubehv.devenv.libvirtd import read_pid
 from kubehv.drivers import errors, values
+from kubehv.drivers.libvirt import connection
 from kubehv.drivers.libvirt.driver import LibvirtHypervisor
 from tests.drivers import contract, contract_migration
 
@@ -254,6 +257,58 @@ def test_verify_reports_an_unreachable_libvirtd(libvirt_nodes: Any, guest_image:
     assert libvirt_nodes.unreachable_uri in result.problems[0]
     with pytest.raises(errors.HypervisorUnavailable):
         driver.get_node_info()
+
+
+def _in_thread(call: Callable[[], object], timeout_s: float) -> BaseException | None:
+    """Run ``call``; the exception it raised, None if it returned; fails if still running."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"the call still waits after {timeout_s:.0f} s"
+    return outcome[0]
+
+
+def test_a_silent_libvirtd_fails_calls_instead_of_hanging(
+    node_hosts: list[Host], guest_image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirtd frozen (SIGSTOP): it accepts but never answers. Over its local socket (the
+    agent pod's qemu:///system) a call in flight fails by keepalive and a new connection by the
+    open deadline, both as HypervisorUnavailable; after SIGCONT the driver works again."""
+    node = node_hosts[0].node
+    socket = node.host_path("/run/libvirt/libvirt-sock")
+    driver = _driver(f"qemu:///system?socket={socket}", guest_image, "silent")
+    assert driver.verify().ok
+    pid = read_pid(pathlib.Path(node.host_path("/run/libvirt/libvirtd.pid")))
+    assert pid is not None
+    monkeypatch.setattr(connection, "OPEN_TIMEOUT_S", 5.0)
+    interval, count = connection.KEEPALIVE
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        in_flight = _in_thread(driver.list_instances, interval * (count + 1) + 30)
+        assert isinstance(in_flight, errors.HypervisorUnavailable), in_flight
+        reopen = _in_thread(driver.list_instances, 30)
+        assert isinstance(reopen, errors.HypervisorUnavailable), reopen
+        assert "did not answer within 5 s" in reopen.message
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    def works() -> bool:
+        try:
+            driver.list_instances()
+        except errors.HypervisorUnavailable:
+            return False
+        return True
+
+    contract.wait_for(works, 60, "the driver to reconnect after SIGCONT")
 
 
 def test_driver_reconnects_after_libvirtd_restarts(node_hosts: list[Host]) -> None:

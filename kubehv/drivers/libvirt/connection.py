@@ -4,8 +4,13 @@ Why this module exists: libvirtd restarts, remote nodes go away, and a long-live
 survive both without restarting itself. :class:`Connection` hands out a live ``virConnect``
 (reopening it if the old one died) and turns "cannot talk to libvirtd" into the typed,
 retryable :class:`~kubehv.drivers.errors.HypervisorUnavailable`. It also runs libvirt's
-default event loop in a daemon thread (keepalive to notice dead remote connections, and
-domain events such as reboot), and probes whether KVM is really usable on the node.
+default event loop in a daemon thread (keepalive, and domain events such as reboot), and
+probes whether KVM is really usable on the node.
+
+A daemon that accepts but never answers (stopped, wedged) must not stall the agent for good:
+every connection, local sockets included, runs libvirt's keepalive (a call in flight fails
+after about :data:`KEEPALIVE` interval x (count + 1) seconds of silence instead of waiting
+forever), and opening a connection has a deadline (:data:`OPEN_TIMEOUT_S`); libvirt has none.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ _CONNECTION_CODES = frozenset(
     }
 )
 
+KEEPALIVE = (5, 3)
+"""(interval s, unanswered pings) of libvirt's client keepalive, on every connection."""
+
+OPEN_TIMEOUT_S = 30.0
+"""How long opening a connection may take before the daemon counts as unreachable."""
+
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -60,6 +71,55 @@ def ensure_event_loop() -> None:
         _loop_started = True
 
 
+class Opening:
+    """One ``libvirt.open`` in its own thread, so that the caller can stop waiting for it.
+
+    A caller that gave up may wait on the same attempt again later (no second thread for the
+    same silent daemon); a connection nobody takes is closed when collected.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.done = threading.Event()
+        self._conn: libvirt.virConnect | None = None
+        self._error: libvirt.libvirtError | None = None
+        threading.Thread(target=self._run, name="libvirt-open", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            self._error = exc
+        finally:
+            self.done.set()
+
+    def result(self, timeout_s: float) -> libvirt.virConnect:
+        """The connection; :class:`errors.HypervisorUnavailable` if it failed or is late."""
+        if not self.done.wait(timeout_s):
+            raise errors.HypervisorUnavailable(
+                f"libvirt at {self.uri} accepted the connection but did not answer within "
+                f"{timeout_s:.0f} s; is libvirtd stopped or overloaded on this node?"
+            )
+        if self._error is not None or self._conn is None:
+            detail = error_text(self._error) if self._error is not None else "no connection"
+            raise errors.HypervisorUnavailable(
+                f"cannot connect to libvirt at {self.uri}: {detail}; is libvirtd running and "
+                "reachable on this node?"
+            ) from self._error
+        return self._conn
+
+
+def open_within(uri: str, timeout_s: float | None = None) -> libvirt.virConnect:
+    """``libvirt.open(uri)`` with a deadline (:data:`OPEN_TIMEOUT_S` by default)."""
+    return Opening(uri).result(OPEN_TIMEOUT_S if timeout_s is None else timeout_s)
+
+
+def keep_alive(conn: libvirt.virConnect) -> None:
+    """libvirt's client keepalive (needs the event loop); the test driver has none."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.setKeepAlive(*KEEPALIVE)
+
+
 def is_connection_error(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() in _CONNECTION_CODES
 
@@ -78,6 +138,7 @@ class Connection:
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.RLock()
         self._kvm_usable: bool | None = None
+        self._opening: Opening | None = None
         ensure_event_loop()
 
     def get(self) -> libvirt.virConnect:
@@ -91,16 +152,12 @@ class Connection:
                 except libvirt.libvirtError:
                     pass
                 self._drop()
-            try:
-                conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise errors.HypervisorUnavailable(
-                    f"cannot connect to libvirt at {self.uri}: {error_text(exc)}; is libvirtd "
-                    "running and reachable on this node?"
-                ) from exc
-            if "+" in self.uri.split(":", 1)[0]:  # remote transport: notice a dead peer
-                with contextlib.suppress(libvirt.libvirtError):
-                    conn.setKeepAlive(5, 3)
+            if self._opening is None or self._opening.done.is_set():
+                self._opening = Opening(self.uri)  # else: wait again for the one still pending
+            opening = self._opening
+            conn = opening.result(OPEN_TIMEOUT_S)
+            self._opening = None
+            keep_alive(conn)
             self._conn = conn
             self._kvm_usable = None
             return conn
@@ -113,12 +170,8 @@ class Connection:
         calls on that connection (domain state, info) wait behind it; the shared connection
         must stay free for progress polling, abort and everything else the agent does.
         """
-        try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as exc:
-            raise errors.HypervisorUnavailable(
-                f"cannot connect to libvirt at {self.uri}: {error_text(exc)}"
-            ) from exc
+        conn = open_within(self.uri)
+        keep_alive(conn)
         try:
             yield conn
         finally:
@@ -131,6 +184,13 @@ class Connection:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
 
+    def _alive(self) -> bool:
+        conn = self._conn
+        try:
+            return conn is not None and bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
     def close(self) -> None:
         with self._lock:
             self._drop()
@@ -141,7 +201,9 @@ class Connection:
         try:
             yield
         except libvirt.libvirtError as exc:
-            if is_connection_error(exc):
+            # Closed under the call (keepalive timeout: an "internal error"): the connection
+            # is gone whatever the code says.
+            if is_connection_error(exc) or not self._alive():
                 with self._lock:
                     self._drop()
                 raise errors.HypervisorUnavailable(

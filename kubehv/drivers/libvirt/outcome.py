@@ -164,12 +164,12 @@ def confirm_on_target(
             f"cannot confirm the migration of {spec.name!r}: target {target.node!r} has no URI"
         )
     try:
-        conn = libvirt.open(target.uri)
-    except libvirt.libvirtError as exc:
+        conn = connection.open_within(target.uri)
+    except errors.HypervisorUnavailable as exc:
         raise errors.HypervisorUnavailable(
-            f"cannot reach the target's libvirt at {target.uri} to confirm where "
-            f"{spec.name!r} runs: {connection.error_text(exc)}"
+            f"cannot reach the target's libvirt to confirm where {spec.name!r} runs: {exc.message}"
         ) from exc
+    connection.keep_alive(conn)
     try:
         if arrived(conn, spec):
             return left(spec.name, f"it runs on the target node {target.node}")
