@@ -21,7 +21,7 @@ import os
 import urllib.parse
 
 from kubehv.cli import logsetup
-from kubehv.operator import agent, instance_logic, settings
+from kubehv.operator import agent, instance_logic, k8s, settings
 
 
 def _param(text: str) -> tuple[str, str | int | float | bool]:
@@ -128,6 +128,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crash-limit", type=int, default=5)
     parser.add_argument("--crash-window", type=float, default=600.0, metavar="SECONDS")
     parser.add_argument("--stop-timeout", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument(
+        "--slow-call",
+        type=float,
+        default=k8s.SLOW_CALL_S,
+        metavar="SECONDS",
+        help="a hypervisor or API call still running after this long is logged with its "
+        "stack (and a start shows HypervisorNotResponding in Ready)",
+    )
     logsetup.add_arguments(parser)
 
 
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("kubehv agent: --node-name or NODE_NAME is required")
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf logs in through the same file
+    k8s.SLOW_CALL_S = args.slow_call
     cfg = settings.AgentSettings(
         node_name=args.node_name,
         hypervisor=args.hypervisor,

@@ -231,6 +231,7 @@ class InstanceActs:
                     self.driver.start_instance,
                     spec,
                     startup_paused=vi.spec.run_state is vim.RunState.PAUSED,
+                    on_slow=lambda what: self._still_waiting(Subject(images.vi), what),
                 )
         except errors.InstanceAlreadyRunning:
             pass
@@ -286,6 +287,25 @@ class InstanceActs:
             )
         await self.write(subject, new)
         return True
+
+    async def _still_waiting(self, subject: Subject, what: str) -> None:
+        """A driver call that has not returned: say so in Ready, not nothing (the owner
+        keeps waiting; the result, when it comes, writes the status as usual)."""
+        message = (
+            f"{what.rsplit('.', 1)[-1]} has not returned after {k8s.SLOW_CALL_S:.0f} s; the agent "
+            f"on node {self.ctx.node_name} keeps waiting for the hypervisor (its log shows "
+            "where the call waits)"
+        )
+        new = IL.desired_status(
+            subject.vi,
+            IL.Observed(None),
+            phase="Starting",
+            ready_reason="HypervisorNotResponding",
+            message=message,
+        )
+        # The Event first: whoever sees the condition can already read it in the Events too.
+        await self._event(subject, "HypervisorNotResponding", message, events.WARNING)
+        await self.write(subject, new)
 
     def _console(self, spec: values.InstanceSpec) -> str:
         """The console endpoint as one line (never a password)."""

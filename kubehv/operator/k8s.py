@@ -18,7 +18,7 @@ import logging
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from kubehv import api
@@ -43,12 +43,18 @@ SLOW_CALL_S = 60.0
 """A blocking call still running after this long is logged once, with where it waits."""
 
 
-async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+async def call(
+    fn: Callable[..., T],
+    *args: Any,
+    on_slow: Callable[[str], Awaitable[None]] | None = None,
+    **kwargs: Any,
+) -> T:
     """Run a blocking function (a client call, a driver method) in a worker thread.
 
     A call that is still running after :data:`SLOW_CALL_S` is logged (once) with its worker
     thread's stack: a hung hypervisor or API call then says where it hangs instead of
-    leaving an owner silent.
+    leaving an owner silent. ``on_slow(name)`` then runs too (the owner shows the wait in the
+    instance's status); its own failure is logged, never raised into the call.
     """
     worker: list[int] = []
 
@@ -62,6 +68,11 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not done:
             where = _stack(worker)
             log.warning("%s still running after %.0f s:\n%s", _name(fn), SLOW_CALL_S, where)
+            if on_slow is not None:
+                try:
+                    await on_slow(_name(fn))
+                except Exception:
+                    log.exception("could not report the slow %s", _name(fn))
         return await task
     except asyncio.CancelledError:
         task.cancel()  # the thread runs to its end; nobody waits for its result

@@ -44,3 +44,25 @@ def test_an_error_of_the_call_reaches_the_caller() -> None:
 
     with pytest.raises(k8s.Conflict):
         asyncio.run(k8s.call(boom))
+
+
+def test_on_slow_is_told_once_and_its_failure_never_reaches_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(k8s, "SLOW_CALL_S", 0.1)
+    told: list[str] = []
+
+    async def report(what: str) -> None:
+        told.append(what)
+        raise RuntimeError("the status write failed")
+
+    result = asyncio.run(k8s.call(_stuck_in_the_hypervisor, 0.5, on_slow=report))
+    assert result == "started"
+    assert told == ["_stuck_in_the_hypervisor"]
+    quick: list[str] = []
+
+    async def never(what: str) -> None:
+        quick.append(what)
+
+    assert asyncio.run(k8s.call(_stuck_in_the_hypervisor, 0.0, on_slow=never)) == "started"
+    assert quick == []

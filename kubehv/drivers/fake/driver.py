@@ -132,6 +132,7 @@ class FakeHypervisor(
             self._refuse_running(instance.name)
         # Outside the lock, like libvirt: a download never holds up the node's other calls.
         created = disks.prepare(self.storage, instance)
+        time.sleep(fparams.as_float(instance.params, "start_delay_s") or 0.0)
         try:
             return self._start(instance, startup_paused)
         except BaseException:

@@ -36,6 +36,15 @@ PARAMETERS: Mapping[str, parameters.Parameter] = {
             syntax_message="must be a non-negative number of seconds",
         ),
         P(
+            "start_delay_s",
+            float,
+            "start_instance takes this long before the instance runs (a hypervisor that is "
+            "slow to answer: QEMU starting under load, a busy daemon)",
+            default=0.0,
+            syntax_check=parameters.is_non_negative,
+            syntax_message="must be a non-negative number of seconds",
+        ),
+        P(
             "crash_after_s",
             float,
             "the instance crashes (stops being alive) this long after each boot",
