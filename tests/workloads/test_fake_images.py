@@ -98,15 +98,23 @@ def test_a_bad_image_starts_nothing_and_leaves_no_file(
     assert not list((tmp_path / "a/storage/images").glob("*.img"))
 
 
-def test_migration_makes_the_disk_on_the_target_and_drops_it_on_the_source(
-    tmp_path: Path, image_server: ImageServer
-) -> None:
-    image = make_qcow2(image_server.root / "debian.qcow2", "32M")
+def _accepted(
+    tmp_path: Path, server: ImageServer
+) -> tuple[fake.FakeHypervisor, fake.FakeHypervisor, values.InstanceSpec, str]:
+    """An image-disk instance running on node a, accepted by node b: (a, b, spec, info)."""
+    image = make_qcow2(server.root / "debian.qcow2", "32M")
     source, target = _node(tmp_path / "a", "a"), _node(tmp_path / "b", "b")
-    spec = _spec(_image_disk(image_server, image))
+    spec = _spec(_image_disk(server, image))
     source.start_instance(spec)
     info = source.migration_info(spec)
     target.accept_instance(spec, info, "b")
+    return source, target, spec, info
+
+
+def test_migration_makes_the_disk_on_the_target_and_drops_it_on_the_source(
+    tmp_path: Path, image_server: ImageServer
+) -> None:
+    source, target, spec, info = _accepted(tmp_path, image_server)
     assert _overlay(tmp_path / "b", spec).is_file()  # made before the copy, as libvirt does
     source.migrate_instance(spec, target.migration_target(), live=True)
     status = source.get_migration_status(spec)
@@ -123,12 +131,7 @@ def test_migration_makes_the_disk_on_the_target_and_drops_it_on_the_source(
 def test_a_migration_undone_on_the_target_drops_what_accept_made(
     tmp_path: Path, image_server: ImageServer
 ) -> None:
-    image = make_qcow2(image_server.root / "debian.qcow2", "32M")
-    source, target = _node(tmp_path / "a", "a"), _node(tmp_path / "b", "b")
-    spec = _spec(_image_disk(image_server, image))
-    source.start_instance(spec)
-    info = source.migration_info(spec)
-    target.accept_instance(spec, info, "b")
+    _, target, spec, info = _accepted(tmp_path, image_server)
     target.finalize_migration_dst(spec, info, success=False)
     assert not _overlay(tmp_path / "b", spec).exists()
     assert _overlay(tmp_path / "a", spec).is_file()  # the source copy keeps its disk
