@@ -5,19 +5,12 @@ Behaviour only (phases, conditions, the fake node's records, Events); never timi
 
 from __future__ import annotations
 
-from typing import Any
-
 import kubernetes
 import pytest
 
-from tests.fixtures.operator import OperatorCluster, condition, wait_for
+from tests.fixtures.operator import OperatorCluster, condition, running_and_ready, wait_for
 
 pytestmark = pytest.mark.apiserver
-
-
-def running(vi: dict[str, Any]) -> bool:
-    st = vi.get("status") or {}
-    return st.get("phase") == "Running" and condition(vi, "Ready").get("status") == "True"
 
 
 def test_create_runs_and_delete_cleans_up(
@@ -25,7 +18,7 @@ def test_create_runs_and_delete_cleans_up(
 ) -> None:
     c = operator_cluster
     c.create_vi(namespace, "life")
-    vi = c.wait_vi(namespace, "life", running, what="Running + Ready")
+    vi = c.wait_vi(namespace, "life", running_and_ready, what="Running + Ready")
     st = vi["status"]
     node = st["nodeName"]
     assert condition(vi, "Scheduled")["status"] == "True"
@@ -47,7 +40,7 @@ def test_create_runs_and_delete_cleans_up(
 def test_run_states_reboot_and_balloon(operator_cluster: OperatorCluster, namespace: str) -> None:
     c = operator_cluster
     c.create_vi(namespace, "states", memory=("256Mi", "1Gi"))
-    vi = c.wait_vi(namespace, "states", running)
+    vi = c.wait_vi(namespace, "states", running_and_ready)
     node = vi["status"]["nodeName"]
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Paused"}})
@@ -55,7 +48,7 @@ def test_run_states_reboot_and_balloon(operator_cluster: OperatorCluster, namesp
     assert c.fake_instances(node, namespace)["states"] == "paused"
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Running"}})
-    c.wait_vi(namespace, "states", running)
+    c.wait_vi(namespace, "states", running_and_ready)
 
     c.patch_vi(namespace, "states", {"spec": {"rebootGeneration": 1}})
     c.wait_vi(namespace, "states", lambda v: v["status"].get("rebootGeneration") == 1)
@@ -73,7 +66,7 @@ def test_run_states_reboot_and_balloon(operator_cluster: OperatorCluster, namesp
     assert got is not None and got["status"]["nodeName"] == node  # stays placed while stopped
 
     c.patch_vi(namespace, "states", {"spec": {"runState": "Running"}})
-    c.wait_vi(namespace, "states", running)
+    c.wait_vi(namespace, "states", running_and_ready)
     assert c.fake_instances(node, namespace)["states"] == "running"
 
 

@@ -14,14 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.operator import OperatorCluster, condition, running_cluster
+from tests.fixtures.operator import OperatorCluster, condition, running_and_ready, running_cluster
 
 pytestmark = pytest.mark.apiserver
-
-
-def running(vi: dict[str, Any]) -> bool:
-    st = vi.get("status") or {}
-    return st.get("phase") == "Running" and condition(vi, "Ready").get("status") == "True"
 
 
 @pytest.fixture(scope="module")
@@ -48,4 +43,4 @@ def test_a_start_the_hypervisor_does_not_answer_shows_in_ready(
     assert "start_instance has not returned after 1 s" in ready["message"]
     assert "node-s" in ready["message"]
     assert "HypervisorNotResponding" in {e["reason"] for e in c.events(namespace, "slow")}
-    c.wait_vi(namespace, "slow", running, what="Running once the start returned")
+    c.wait_vi(namespace, "slow", running_and_ready, what="Running once the start returned")

@@ -12,7 +12,6 @@ operator's bulk tests) touch none of it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 
@@ -43,21 +42,6 @@ def fetch(
         storage.fetch_images(spec, progress)
 
 
-def prepare(storage: disks.NodeStorage, spec: values.InstanceSpec) -> tuple[str, ...]:
-    """Download, verify and create what the instance's node-made disks need; the files made."""
-    if not node_made(spec):
-        return ()
-    return storage.prepare(spec).created
-
-
-def discard(created: tuple[str, ...]) -> None:
-    """The start did not happen: remove the files it made (they hold no data yet)."""
-    for path in created:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def drop_local(storage: disks.NodeStorage, spec: values.InstanceSpec) -> None:
-    """The instance left this node (or never arrived): its node-local files go."""
-    if os.path.isdir(storage.instance_dir(spec)):
-        storage.drop_local(spec)
+def prepare(storage: disks.NodeStorage, spec: values.InstanceSpec) -> disks.Prepared | None:
+    """Download, verify and create what the instance's node-made disks need (None: none)."""
+    return storage.prepare(spec) if node_made(spec) else None

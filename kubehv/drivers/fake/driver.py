@@ -129,26 +129,22 @@ class FakeHypervisor(
     ) -> values.InstanceInfo:
         self.check_instance_spec(instance)
         with self.store.locked():
-            self._refuse_running(instance.name)
+            _refuse_running(instance.name, self.store.current(instance.name, self.clock()))
         # Outside the lock, like libvirt: a download never holds up the node's other calls.
-        created = disks.prepare(self.storage, instance)
+        prepared = disks.prepare(self.storage, instance)
         time.sleep(fparams.as_float(instance.params, "start_delay_s") or 0.0)
         try:
             return self._start(instance, startup_paused)
         except BaseException:
-            disks.discard(created)
+            if prepared is not None:
+                prepared.discard()
             raise
-
-    def _refuse_running(self, name: str) -> None:
-        old = self.store.current(name, self.clock())
-        if old is not None and (old.alive or old.status == store.INCOMING):
-            raise errors.InstanceAlreadyRunning(name)
 
     def _start(self, instance: values.InstanceSpec, startup_paused: bool) -> values.InstanceInfo:
         with self.store.locked():
             now = self.clock()
             old = self.store.current(instance.name, now)
-            self._refuse_running(instance.name)
+            _refuse_running(instance.name, old)
             if fparams.as_bool(instance.params, "fail_start"):
                 raise errors.InstanceStartError(
                     f"instance {instance.name!r} failed to start (fake fault fail_start)"
@@ -362,3 +358,9 @@ def add_foreign_instance(state_dir: str, name: str) -> None:
     os.makedirs(foreign, exist_ok=True)
     with open(os.path.join(foreign, name), "w") as fh:
         fh.write("foreign\n")
+
+
+def _refuse_running(name: str, old: store.Record | None) -> None:
+    """A live or incoming copy is here already: starting another would run it twice."""
+    if old is not None and (old.alive or old.status == store.INCOMING):
+        raise errors.InstanceAlreadyRunning(name)

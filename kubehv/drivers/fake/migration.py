@@ -38,7 +38,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from kubehv.drivers import errors, values
-from kubehv.drivers.fake import disks as fdisks
 from kubehv.drivers.fake import job as fjob
 from kubehv.drivers.fake import params as fparams
 from kubehv.drivers.fake import store as fstore
@@ -340,7 +339,7 @@ class FakeMigration:
             rec = self.store.current(name, self.clock())
             if rec is None:
                 if success:  # it left: its node-made disks live on the target now
-                    fdisks.drop_local(self.storage, instance)
+                    self.storage.drop_local(instance)
                     return  # nothing (left) to finalize: idempotent
                 raise _gone_from_source(name)
             mig = rec.migration
@@ -364,7 +363,7 @@ class FakeMigration:
             if fparams.fails_at(instance.params, "finalize_source"):
                 raise fault("finalize_source", name)
             self.store.remove(name)
-            fdisks.drop_local(self.storage, instance)  # the disks live on the target now
+            self.storage.drop_local(instance)  # the disks live on the target now
 
 
 def _status(mig: fstore.MigrationRecord) -> values.MigrationStatus:

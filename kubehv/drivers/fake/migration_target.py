@@ -95,7 +95,7 @@ class FakeMigrationTarget:
                         "reported as successful"
                     )
                 if rec is None:  # nothing of that name here: drop what accept_instance made
-                    fdisks.drop_local(self.storage, instance)
+                    self.storage.drop_local(instance)
                 return
             if not success:
                 if rec.status != fstore.INCOMING and mig.state == fjob.COMPLETED:
@@ -105,7 +105,7 @@ class FakeMigrationTarget:
                     if self.store.current(instance.name, self.clock()) is not None:
                         raise errors.MigrationCompleted(instance.name, self.config.node_name)
                 self.store.remove(instance.name)
-                fdisks.drop_local(self.storage, instance)  # what accept_instance made
+                self.storage.drop_local(instance)  # what accept_instance made
                 return
             if mig.state != fjob.COMPLETED:
                 raise errors.MigrationError(

@@ -74,8 +74,9 @@ def ensure_event_loop() -> None:
 class Opening:
     """One ``libvirt.open`` in its own thread, so that the caller can stop waiting for it.
 
-    A caller that gave up may wait on the same attempt again later (no second thread for the
-    same silent daemon); a connection nobody takes is closed when collected.
+    Every connection opened here runs keepalive. A caller that gave up may wait on the same
+    attempt again later (no second thread for the same silent daemon); a connection nobody
+    takes is closed when collected.
     """
 
     def __init__(self, uri: str) -> None:
@@ -87,7 +88,10 @@ class Opening:
 
     def _run(self) -> None:
         try:
-            self._conn = libvirt.open(self.uri)
+            conn = libvirt.open(self.uri)
+            with contextlib.suppress(libvirt.libvirtError):  # the test driver has none
+                conn.setKeepAlive(*KEEPALIVE)
+            self._conn = conn
         except libvirt.libvirtError as exc:
             self._error = exc
         finally:
@@ -109,15 +113,9 @@ class Opening:
         return self._conn
 
 
-def open_within(uri: str, timeout_s: float | None = None) -> libvirt.virConnect:
-    """``libvirt.open(uri)`` with a deadline (:data:`OPEN_TIMEOUT_S` by default)."""
-    return Opening(uri).result(OPEN_TIMEOUT_S if timeout_s is None else timeout_s)
-
-
-def keep_alive(conn: libvirt.virConnect) -> None:
-    """libvirt's client keepalive (needs the event loop); the test driver has none."""
-    with contextlib.suppress(libvirt.libvirtError):
-        conn.setKeepAlive(*KEEPALIVE)
+def open_within(uri: str) -> libvirt.virConnect:
+    """``libvirt.open(uri)`` with keepalive and a deadline (:data:`OPEN_TIMEOUT_S`)."""
+    return Opening(uri).result(OPEN_TIMEOUT_S)
 
 
 def is_connection_error(exc: libvirt.libvirtError) -> bool:
@@ -144,20 +142,14 @@ class Connection:
     def get(self) -> libvirt.virConnect:
         """A live connection; raises :class:`errors.HypervisorUnavailable` if unreachable."""
         with self._lock:
-            conn = self._conn
-            if conn is not None:
-                try:
-                    if conn.isAlive():
-                        return conn
-                except libvirt.libvirtError:
-                    pass
-                self._drop()
+            if self._conn is not None and self._alive():
+                return self._conn
+            self._drop()
             if self._opening is None or self._opening.done.is_set():
                 self._opening = Opening(self.uri)  # else: wait again for the one still pending
             opening = self._opening
             conn = opening.result(OPEN_TIMEOUT_S)
             self._opening = None
-            keep_alive(conn)
             self._conn = conn
             self._kvm_usable = None
             return conn
@@ -171,7 +163,6 @@ class Connection:
         must stay free for progress polling, abort and everything else the agent does.
         """
         conn = open_within(self.uri)
-        keep_alive(conn)
         try:
             yield conn
         finally:

@@ -202,7 +202,7 @@ class LibvirtHypervisor(migration_steps.MigrationSteps, base.BaseHypervisor):
                 if startup_paused and not flags:
                     dom.suspend()
             except libvirt.libvirtError as exc:
-                workloads.discard(prepared)
+                prepared.discard()
                 if connection.is_connection_error(exc):
                     raise
                 raise errors.InstanceStartError(

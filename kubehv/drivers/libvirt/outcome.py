@@ -169,7 +169,6 @@ def confirm_on_target(
         raise errors.HypervisorUnavailable(
             f"cannot reach the target's libvirt to confirm where {spec.name!r} runs: {exc.message}"
         ) from exc
-    connection.keep_alive(conn)
     try:
         if arrived(conn, spec):
             return left(spec.name, f"it runs on the target node {target.node}")

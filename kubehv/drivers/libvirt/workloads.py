@@ -147,13 +147,6 @@ def prepare(
     return storage.prepare(dataclasses.replace(instance, nics=tuple(nics)))
 
 
-def discard(prepared: disks.Prepared) -> None:
-    """The domain did not start: remove the files this start created (they hold no data yet)."""
-    for path in prepared.created:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 # --- migration with node-local disks ------------------------------------------------------
 
 

@@ -42,6 +42,12 @@ class Prepared:
     spec: values.InstanceSpec
     created: tuple[str, ...]
 
+    def discard(self) -> None:
+        """The instance did not start: remove the files this preparation made (no data yet)."""
+        for path in self.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
 
 class NodeStorage:
     def __init__(
