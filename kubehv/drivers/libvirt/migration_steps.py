@@ -81,6 +81,17 @@ class MigrationSteps:
             self._aborted.discard(instance.name)
         try:
             self._migrate(instance, target, live, options)
+        except errors.MigrationAborted:
+            raise
+        except errors.MigrationError as exc:
+            # After our abort the job can end with the target's error instead ("load of
+            # migration failed": the source cut the stream) -- seen on non-live jobs. It
+            # ended because we aborted it: say so.
+            if instance.name not in self._aborted:
+                raise
+            raise errors.MigrationAborted(
+                f"the migration of {instance.name!r} was aborted ({exc.message})"
+            ) from exc
         finally:
             with self._lock:
                 self._starting.discard(instance.name)
